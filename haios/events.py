@@ -1,0 +1,69 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The engine's event stream: every decision, published once, to subscribers.
+
+The engine publishes an `Event` for each decision it takes; the audit log
+and the metrics recorder subscribe. Subscribers must not raise for an event
+kind they do not know (they ignore it), and must never receive secrets:
+publishers put only accessors, names, ids, numbers and reasons in `fields`.
+No I/O here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+# Event kinds and the fields each carries.
+RUN_STARTED: Final = "run.started"  # plan_id, plan_sha256, jobs
+VERIFICATION: Final = "verification"  # kind (plan|artefact|link|digest), result (ok|fail), subject
+REJECTION: Final = "rejection"  # reason (short label), message
+STEP_STARTED: Final = "step.started"  # step_id, profile, attempt, uid
+STEP_FINISHED: Final = "step.finished"  # step_id, status, exit_code, profile, wall_seconds, reason
+SANDBOX_VIOLATION: Final = "sandbox.violation"  # step_id, kind
+COST_RECORDED: Final = "cost.recorded"  # step_id, cpu_seconds, wall_seconds, usd, tokens
+BUDGET_REMAINING: Final = "budget.remaining"  # unit, value (float, or None when unlimited)
+BUDGET_HALT: Final = "budget.halt"  # unit, step_id
+KILL_SWITCH: Final = "kill_switch"  # engaged (bool), flag
+KILL: Final = "kill"  # scope (global|step|engine_lost), flag, step_id, latency_seconds
+VAULT_TOKEN_ISSUED: Final = "vault.token_issued"  # step_id, accessor, ttl_seconds
+VAULT_TOKEN_REVOKED: Final = "vault.token_revoked"  # step_id, accessor
+VAULT_REVOKE_FAILED: Final = "vault.revoke_failed"  # step_id, accessor, message
+PRODUCT_RECORDED: Final = "product.recorded"  # step_id, name, sha256, size
+RUN_FINISHED: Final = "run.finished"  # status, reason
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """One decision. `fields` hold JSON-compatible values only."""
+
+    kind: str
+    fields: Mapping[str, Any]
+
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    """Synchronous fan-out: `publish` returns after every subscriber ran.
+
+    Synchronous on purpose: the audit subscriber makes its record durable
+    before the action it records takes effect.
+    """
+
+    def __init__(self) -> None:
+        self._subscribers: list[Subscriber] = []
+        self._lock = threading.Lock()
+
+    def subscribe(self, subscriber: Subscriber) -> None:
+        """Add a subscriber; it sees every later event, in publish order."""
+        with self._lock:
+            self._subscribers.append(subscriber)
+
+    def publish(self, kind: str, **fields: Any) -> None:
+        """Deliver one event to every subscriber, in subscription order."""
+        event = Event(kind, dict(fields))
+        with self._lock:
+            for subscriber in self._subscribers:
+                subscriber(event)

@@ -1,0 +1,117 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The seam between the engine and the code that runs a step.
+
+The engine decides *what* runs (argv, environment, workspace, identity,
+limits); a `StepRunner` decides *how* it is confined. This module holds only
+the value types and the protocol: no I/O.
+
+Paths inside the step's view are fixed here so the engine can compute the
+environment before the runner builds the view:
+
+- the workspace (read-write, HOME and cwd): `VIEW_WORKSPACE`
+- the cost report directory (read-write):   `VIEW_COST_DIR`
+- the Vault token directory (read-only):     `VIEW_SECRET_DIR`
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from haios.sandbox.profile import Profile
+
+VIEW_WORKSPACE = "/haios/work"
+VIEW_COST_DIR = "/haios/cost"
+VIEW_COST_REPORT = "/haios/cost/report.json"
+VIEW_SECRET_DIR = "/haios/secret"
+VIEW_TOKEN_FILE = "/haios/secret/token"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """Everything a runner needs to start one step; built by the engine.
+
+    Attributes:
+        plan_id: the plan's id (for messages only).
+        step_id: the step's id.
+        argv: the step's `run`, absolute program path first.
+        env: the complete environment of the step (contract section 9).
+        workspace: host directory shown read-write at `VIEW_WORKSPACE`.
+        cost_dir: host directory shown read-write at `VIEW_COST_DIR`.
+        secret_dir: host directory shown read-only at `VIEW_SECRET_DIR`, or None.
+        profile: the sandbox profile the policy resolved for the step.
+        uid: unprivileged uid the step runs as (never 0).
+        gid: unprivileged gid the step runs as (never 0).
+        timeout_seconds: wall-clock limit; past it the whole tree is killed.
+        cpu_seconds_limit: CPU limit in seconds (RLIMIT_CPU), already bounded
+            by the step's budget reservation, or None for the profile's limit.
+        stdout_path: host file receiving the step's stdout (created by the runner).
+        stderr_path: host file receiving the step's stderr (created by the runner).
+        output_limit_bytes: at most this many bytes of each stream are kept.
+        cgroup: a cgroup v2 directory the step joins before exec, or None.
+    """
+
+    plan_id: str
+    step_id: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    workspace: Path
+    cost_dir: Path
+    secret_dir: Path | None
+    profile: Profile
+    uid: int
+    gid: int
+    timeout_seconds: float
+    cpu_seconds_limit: int | None
+    stdout_path: Path
+    stderr_path: Path
+    output_limit_bytes: int
+    cgroup: Path | None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutcome:
+    """How a step ended, as observed from outside its sandbox.
+
+    Attributes:
+        exit_code: the step's exit status, or None when a signal ended it.
+        signal: the signal that ended the step, or None.
+        timed_out: the runner killed the tree at `timeout_seconds`.
+        violation: why the sandbox stopped the step ("seccomp", "cpu_limit",
+            "file_size", "memory", "processes"), or None.
+        cpu_seconds: user+system CPU of the whole step tree.
+        wall_seconds: wall time from start to the last process reaped.
+        max_rss_bytes: peak resident set size of the largest process.
+    """
+
+    exit_code: int | None
+    signal: int | None
+    timed_out: bool
+    violation: str | None
+    cpu_seconds: float
+    wall_seconds: float
+    max_rss_bytes: int
+
+
+class StepRunner(Protocol):
+    """Runs one step to completion inside its confinement. Thread-safe."""
+
+    def run(self, spec: StepSpec, *, on_start: Callable[[int], None] | None = None) -> StepOutcome:
+        """Run the step and wait until every process of its tree is gone.
+
+        Args:
+            spec: what to run and how to confine it.
+            on_start: called with the host pid of the step's init once it runs.
+
+        Raises:
+            SandboxSetupError: the confinement could not be built; the step
+                did not run (exec never happened).
+
+        Side Effects:
+            Forks, creates the step's stdout/stderr files, kills the tree at
+            the timeout.
+        """
+        ...
