@@ -1,0 +1,130 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Strict JSON parsing for hostile bytes: exactly one UTF-8 JSON document.
+
+Refuses what the standard library accepts by default: duplicate object keys
+(a parser differential: Python keeps the last one), NaN and +/-Infinity,
+numbers that overflow to infinity, a byte-order mark, UTF-16/32, invalid
+UTF-8, lone surrogates, and nesting deeper than a fixed bound (checked
+before parsing, without recursion, so a deep document cannot exhaust the
+stack). Pure: bytes in, Python values out; no I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+MAX_DEPTH = 32
+
+
+class StrictJSONError(ValueError):
+    """The bytes are not exactly one strict JSON document; message says why."""
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise StrictJSONError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def _reject_constant(name: str) -> Any:
+    raise StrictJSONError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise StrictJSONError(f"number {text[:32]!r} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    # CPython refuses >4300 digits anyway; refuse far earlier, cheaply.
+    if len(text.lstrip("-")) > 20:
+        raise StrictJSONError(f"integer with {len(text)} digits is out of range")
+    return int(text)
+
+
+def check_depth(text: str, max_depth: int = MAX_DEPTH) -> None:
+    """Raise if brackets nest deeper than `max_depth` (strings are skipped)."""
+    depth = 0
+    in_string = False
+    escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise StrictJSONError(f"nesting deeper than {max_depth}")
+        elif char in "]}":
+            depth -= 1
+
+
+def _no_surrogates(value: Any) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise StrictJSONError("string holds a lone surrogate") from exc
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def parse_strict_json(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse `data` as exactly one strict JSON document.
+
+    Args:
+        data: the raw bytes, as read.
+        max_depth: the deepest nesting of arrays and objects allowed.
+
+    Returns:
+        The parsed value (dict, list, str, int, float, bool or None).
+
+    Raises:
+        StrictJSONError: with a one-line reason for any deviation.
+    """
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise StrictJSONError("byte-order mark is not allowed")
+    try:
+        text = data.decode("utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise StrictJSONError(f"not UTF-8 at byte {exc.start}") from exc
+    check_depth(text, max_depth)
+    try:
+        value = json.loads(
+            text,
+            object_pairs_hook=_unique_object,
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            parse_int=_bounded_int,
+        )
+    except StrictJSONError:
+        raise
+    except (ValueError, RecursionError) as exc:
+        raise StrictJSONError(f"not JSON: {str(exc).splitlines()[0][:120]}") from exc
+    _no_surrogates(value)
+    return value
+
+
+def dump_json(value: Any) -> bytes:
+    """Serialise engine-written JSON: sorted keys, 2-space indent, newline."""
+    return (json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False,
+                       allow_nan=False) + "\n").encode("utf-8")

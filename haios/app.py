@@ -1,0 +1,91 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Wires the real parts together for the CLI: policy, metrics, sandbox, guard.
+
+Kept apart from `engine.py` so the engine never imports the concrete
+sandbox, watchdog or Vault code, and tests can supply their own parts.
+Does I/O.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from haios import events as ev
+from haios._util.safedir import SafeDir
+from haios.engine import Services, run_plan
+from haios.errors import BusyError, HaiosError
+from haios.load.policy import load_policy, resolve_policy_dir
+from haios.models.state import RunState
+from haios.osroot import METRICS_FILE, STATE_FILE, OsRoot
+
+
+def default_services() -> Services:
+    """The production parts: namespace sandbox, watchdog + Vault guard."""
+    from haios.guard import make_guard, preflight
+    from haios.sandbox.runner import NamespaceRunner
+
+    return Services(runner_factory=lambda policy: NamespaceRunner(),
+                    guard_factory=make_guard, preflight=preflight)
+
+
+def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, str], *,
+                jobs: int, metrics_addr: tuple[str, int] | None,
+                services: Services | None = None) -> tuple[int, dict[str, Any] | None, str]:
+    """`haios run`: returns (exit code, final state document, message).
+
+    Raises:
+        HaiosError: a refusal (its exit code is the process's).
+    """
+    from haios.metrics import MetricsRecorder
+
+    policy = load_policy(resolve_policy_dir(str(policy_option) if policy_option else None,
+                                            environ))
+    bus = ev.EventBus()
+    recorder = MetricsRecorder()
+    bus.subscribe(recorder.on_event)
+    server = recorder.serve(*metrics_addr) if metrics_addr else None
+    try:
+        outcome = run_plan(os_root, policy, jobs=jobs, services=services or default_services(),
+                           bus=bus)
+        _write_metrics(os_root, recorder)
+        return outcome.exit_code, outcome.state, outcome.message
+    except BusyError:
+        raise  # another run owns os_root: write nothing into it
+    except HaiosError:
+        _write_metrics(os_root, recorder)
+        raise
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _write_metrics(os_root: Path, recorder: Any) -> None:
+    """Write metrics.prom at the end of the run (best effort after a refusal)."""
+    with contextlib.suppress(HaiosError, OSError):
+        with SafeDir.open(os_root, label="os_root") as root:
+            recorder.write_textfile(root.fd, METRICS_FILE)
+
+
+def state_command(os_root: Path, policy_option: Path | None, environ: dict[str, str]
+                  ) -> dict[str, Any]:
+    """`haios state`: the verified state document.
+
+    Raises:
+        PolicyLoadError: policy unusable (exit 6).
+        TamperedError: state, registry or audit chain fail verification (exit 3).
+    """
+    from haios.state.verify import verify_state_files
+
+    policy = load_policy(resolve_policy_dir(str(policy_option) if policy_option else None,
+                                            environ))
+    osr = OsRoot(os_root)
+    try:
+        state: RunState = verify_state_files(osr, policy)
+        return state.model_dump(mode="json", by_alias=True)
+    finally:
+        osr.close()
+
+
+__all__ = ["STATE_FILE", "default_services", "run_command", "state_command"]

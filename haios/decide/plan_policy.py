@@ -1,0 +1,47 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Policy checks on a verified plan: the plan may name, never widen. Pure.
+
+Raises PolicyDeniedError (exit 3) for a profile or Vault scope the policy
+does not define, a Vault scope under a profile without network, a denied
+environment name, or a timeout above the policy's ceiling.
+"""
+
+from __future__ import annotations
+
+from haios.errors import PolicyDeniedError
+from haios.load.policy import Policy
+from haios.models.plan import ExecPlan
+from haios.models.policy import env_name_denied
+
+
+def decide_plan(plan: ExecPlan, policy: Policy) -> None:
+    """Raise PolicyDeniedError for the first thing the policy does not allow."""
+    denied_env = frozenset(policy.file.env.deny)
+    limits = policy.file.limits
+    for step in plan.steps:
+        where = f"step {step.id!r}"
+        profile = policy.profiles.get(step.profile)
+        if profile is None:
+            raise PolicyDeniedError(f"{where}: profile {step.profile!r} is not in the policy")
+        if step.vault_scope is not None:
+            if step.vault_scope not in policy.file.vault_scopes:
+                raise PolicyDeniedError(f"{where}: Vault scope {step.vault_scope!r} is not in "
+                                        "the policy")
+            if not profile.network:
+                raise PolicyDeniedError(f"{where}: Vault scope needs a profile with network, "
+                                        f"{step.profile!r} has none")
+        for name in step.env:
+            if env_name_denied(name, denied_env):
+                raise PolicyDeniedError(f"{where}: environment variable {name} is denied")
+        if step.timeout_seconds > limits.timeout_max_seconds:
+            raise PolicyDeniedError(f"{where}: timeout_seconds exceeds the policy's "
+                                    f"{limits.timeout_max_seconds}")
+
+
+def step_uids(plan: ExecPlan, order: list[str], policy: Policy) -> dict[str, int]:
+    """A distinct unprivileged uid per step, from the policy's range, by plan order."""
+    sandbox = policy.file.sandbox
+    if len(order) > sandbox.uid_count:
+        raise PolicyDeniedError(f"plan has {len(order)} steps; the policy's uid range holds "
+                                f"{sandbox.uid_count}")
+    return {step_id: sandbox.uid_base + index for index, step_id in enumerate(order)}

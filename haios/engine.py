@@ -1,0 +1,380 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The one orchestrator: load -> verify -> decide -> scope secrets -> run -> record.
+
+`run_plan` reads as the contract's checklist; the first refusal decides the
+exit code in the contract's order (section 12): busy (7), a global kill flag
+(4), a contract violation (3), then environment preflight (6). A refusal
+runs nothing. Does I/O through the modules it calls.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import datetime as dt
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from haios import events as ev
+from haios._util.safedir import SafeDir
+from haios.cost import BudgetLedger
+from haios.decide.dag import dependents_closure, topological_order
+from haios.decide.plan_policy import decide_plan, step_uids
+from haios.errors import (
+    EXIT_BUDGET,
+    EXIT_KILLED,
+    EXIT_OK,
+    EXIT_STEP_FAILED,
+    BudgetExhaustedError,
+    EngineKeyError,
+    HaiosError,
+    KilledError,
+    ReplayError,
+)
+from haios.execute import RunContext, StepExecutor, StepGuard, StepResult, wall_clock
+from haios.history import History, check_fresh_outputs, verify_outputs
+from haios.intake import StoredArtefact, read_plan_bytes, verify_inputs, verify_plan
+from haios.load.policy import Policy
+from haios.models.common import format_rfc3339
+from haios.models.plan import ExecPlan
+from haios.models.state import STATE_SCHEMA, CostTotals, PlanStatus, RunState, StepState
+from haios.osroot import LOCK_FILE, STATE_FILE, OsRoot
+from haios.registry import write_registry
+from haios.sandbox.spec import StepRunner
+from haios.signing import EngineSigner
+from haios.state.store import read_signed, write_signed
+
+
+@dataclasses.dataclass
+class Services:
+    """The engine's external parts, so tests and the CLI can choose them."""
+
+    runner_factory: Callable[[Policy], StepRunner]
+    guard_factory: Callable[[GuardRequest], StepGuard]
+    preflight: Callable[[Policy, ExecPlan], None]
+    subscribers: list[ev.Subscriber] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardRequest:
+    """What the guard factory needs to watch and scope one run."""
+
+    osr: OsRoot
+    policy: Policy
+    plan: ExecPlan
+    bus: ev.EventBus
+    run_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOutcome:
+    """The end of `haios run`: exit code, final state document, one-line message."""
+
+    exit_code: int
+    state: dict[str, Any] | None
+    message: str
+
+
+STATUS_EXIT: dict[str, int] = {
+    "succeeded": EXIT_OK, "failed": EXIT_STEP_FAILED, "killed": EXIT_KILLED,
+    "budget_exhausted": EXIT_BUDGET,
+}
+
+
+class StateKeeper:
+    """The run's mutable view of state.json; every `commit` is atomic and signed."""
+
+    def __init__(self, osr: OsRoot, signer: EngineSigner, plan: ExecPlan, plan_sha256: str,
+                 prior: RunState | None, bus: ev.EventBus,
+                 audit_head: Callable[[], dict[str, Any] | None]) -> None:
+        self.osr, self.signer, self.bus = osr, signer, bus
+        self.plan_id, self.plan_sha256 = plan.plan_id, plan_sha256
+        self.seq = prior.seq if prior else 0
+        self.status: PlanStatus = "pending"
+        self.reason: str | None = None
+        self.steps: dict[str, dict[str, Any]] = {}
+        for step in plan.steps:
+            old = prior.steps.get(step.id) if prior else None
+            self.steps[step.id] = (old.model_dump(mode="json") if old else
+                                   StepState().model_dump(mode="json"))
+        self.totals: dict[str, Any] = (prior.cost.totals.model_dump(mode="json") if prior
+                                       else {"cpu_seconds": 0.0, "wall_seconds": 0.0,
+                                             "usd": 0.0, "tokens": 0})
+        self._audit_head = audit_head
+
+    def document(self, now: dt.datetime) -> RunState:
+        """The current state as a model (validated)."""
+        return RunState.model_validate({
+            "schema": STATE_SCHEMA, "plan_id": self.plan_id, "plan_sha256": self.plan_sha256,
+            "status": self.status, "reason": self.reason, "steps": self.steps,
+            "cost": {"totals": self.totals}, "updated": format_rfc3339(now), "seq": self.seq,
+            "audit": self._audit_head(),
+        })
+
+    def commit(self) -> RunState:
+        """Publish the state atomically with a fresh engine signature."""
+        self.seq += 1
+        state = self.document(wall_clock())
+        write_signed(self.osr.root, STATE_FILE, state, self.signer)
+        return state
+
+
+def run_plan(path: Path, policy: Policy, *, jobs: int, services: Services,
+             bus: ev.EventBus) -> RunOutcome:
+    """`haios run`: verify everything, then run the plan's steps.
+
+    Raises:
+        HaiosError: every refusal, with the contract's exit code.
+    """
+    # (1) os_root opened without following links; one run at a time (exit 7).
+    osr = OsRoot(path)
+    try:
+        with osr.root.exclusive_lock(LOCK_FILE):
+            return _locked_run(osr, policy, jobs, services, bus)
+    finally:
+        osr.close()
+
+
+def _locked_run(osr: OsRoot, policy: Policy, jobs: int, services: Services,
+                bus: ev.EventBus) -> RunOutcome:
+    from haios.watchdog.flags import global_flag_present
+
+    # (2) A global kill flag refuses the start (exit 4), before anything else is read.
+    flag = global_flag_present(osr.path / "control",
+                               [Path(p) for p in policy.file.kill_switch.extra_paths])
+    if flag is not None:
+        bus.publish(ev.KILL_SWITCH, engaged=True, flag=flag)
+        raise KilledError(f"kill switch {flag} is set; refusing to start")
+    history = History.open(osr, policy, bus)
+    signer, key_error = _load_signer(policy)
+    now = wall_clock()
+    # (3) Verify: plan signature over the bytes read, schema, expiry, policy,
+    #     history (no replay), engine outputs, inputs three ways (exit 3).
+    try:
+        raw = read_plan_bytes(osr, policy)
+        verified = verify_plan(osr, policy, raw, now, bus)
+        plan = verified.plan
+        decide_plan(plan, policy)
+        prior = history.prior_for(verified.sha256)
+        store = _fresh_store(osr)
+        known: dict[str, StoredArtefact] = {}
+        if prior is None:
+            check_fresh_outputs(osr, plan, policy.engine_key.keyid,
+                                state_allowed=history.state is not None)
+        else:
+            known.update(verify_outputs(osr, policy, plan, prior, store))
+        known.update(verify_inputs(osr, policy, plan, store, policy.engine_key.keyid, bus))
+    except HaiosError as exc:
+        if exc.exit_code == 3:
+            history.record_rejection(exc, raw if "raw" in locals() else None, signer)
+        raise
+    # (4) Environment: engine key, sandbox and Vault prerequisites (exit 6).
+    if key_error is not None or signer is None:
+        raise key_error or EngineKeyError("engine key unavailable")
+    services.preflight(policy, plan)
+    # (5) Idempotence: a plan that already succeeded runs nothing.
+    if prior is not None and prior.status == "succeeded":
+        bus.publish(ev.RUN_FINISHED, status="succeeded", reason="already succeeded")
+        return RunOutcome(EXIT_OK, prior.model_dump(mode="json", by_alias=True),
+                          "plan already succeeded; nothing to run")
+    return _execute(osr, policy, plan, verified.sha256, prior, signer, store, known, jobs,
+                    services, bus, history)
+
+
+def _load_signer(policy: Policy) -> tuple[EngineSigner | None, HaiosError | None]:
+    try:
+        return EngineSigner.load(policy.file.engine.signing_key, policy.engine_key), None
+    except HaiosError as exc:
+        return None, exc
+
+
+def _fresh_store(osr: OsRoot) -> SafeDir:
+    private = osr.private()
+    if private.lstat("store") is not None:
+        shutil.rmtree("store", dir_fd=private.fd)
+    return private.sub("store", create=True, mode=0o700)
+
+
+def _execute(osr: OsRoot, policy: Policy, plan: ExecPlan, plan_sha256: str,
+             prior: RunState | None, signer: EngineSigner, store: SafeDir,
+             known: dict[str, StoredArtefact], jobs: int, services: Services,
+             bus: ev.EventBus, history: History) -> RunOutcome:
+    order = topological_order({s.id: tuple(s.needs) for s in plan.steps})
+    keeper = StateKeeper(osr, signer, plan, plan_sha256, prior, bus, history.head)
+    ledger = BudgetLedger(plan.budget, prior.cost.totals if prior else CostTotals())
+    bus.publish(ev.RUN_STARTED, plan_id=plan.plan_id, plan_sha256=plan_sha256, jobs=jobs)
+    for step_id, entry in keeper.steps.items():
+        if entry["status"] != "succeeded":
+            entry.update(status="pending", started=None, finished=None, exit_code=None,
+                         reason=None, products={})
+    keeper.status = "running"
+    keeper.reason = None
+    keeper.commit()
+    guard = services.guard_factory(GuardRequest(osr, policy, plan, bus, plan_sha256[:12]))
+    ctx = RunContext(osr, policy, plan, signer, services.runner_factory(policy), guard, bus,
+                     store, osr.private(), step_uids(plan, order, policy), wall_clock,
+                     {name: item.sha256 for name, item in known.items()})
+    scheduler = Scheduler(ctx, keeper, ledger, order, jobs, known)
+    try:
+        scheduler.run()
+    finally:
+        close = getattr(guard, "close", None)
+        if callable(close):
+            close()
+    write_registry(osr, plan, known, signer)
+    final = keeper.commit()
+    bus.publish(ev.RUN_FINISHED, status=keeper.status, reason=keeper.reason)
+    if scheduler.fatal is not None:
+        raise scheduler.fatal
+    document = final.model_dump(mode="json", by_alias=True)
+    return RunOutcome(STATUS_EXIT.get(keeper.status, EXIT_STEP_FAILED), document,
+                      keeper.reason or f"plan {keeper.status}")
+
+
+class Scheduler:
+    """Starts ready steps in deterministic order, at most `jobs` at a time."""
+
+    def __init__(self, ctx: RunContext, keeper: StateKeeper, ledger: BudgetLedger,
+                 order: list[str], jobs: int, known: dict[str, StoredArtefact]) -> None:
+        self.ctx, self.keeper, self.ledger = ctx, keeper, ledger
+        self.order, self.jobs, self.known = order, jobs, known
+        self.executor = StepExecutor(ctx)
+        self.graph = {s.id: tuple(s.needs) for s in ctx.plan.steps}
+        self.halt: tuple[PlanStatus, str] | None = None
+        self.fatal: HaiosError | None = None
+
+    def _ready(self, running: set[str]) -> list[str]:
+        steps = self.keeper.steps
+        return [
+            step_id for step_id in self.order
+            if steps[step_id]["status"] == "pending" and step_id not in running
+            and all(steps[need]["status"] == "succeeded" for need in self.graph[step_id])
+        ]
+
+    def _check_start(self, step_id: str) -> None:
+        """Refusals checked before each start: kill flags, expiry, budget."""
+        from haios.watchdog.flags import global_flag_present, step_flag_present
+
+        policy = self.ctx.policy
+        control = self.ctx.osr.path / "control"
+        flag = global_flag_present(control, [Path(p) for p in policy.file.kill_switch.extra_paths])
+        if flag is not None:
+            raise KilledError(f"kill switch {flag} engaged")
+        if step_flag_present(control, step_id):
+            raise KilledError(f"kill switch KILL.{step_id} engaged")
+        unit = self.ledger.exhausted()
+        if unit is not None:
+            raise BudgetExhaustedError(f"budget exhausted: {unit}")
+
+    def run(self) -> None:
+        """Run until every step is done or the plan halts."""
+        running: dict[cf.Future[StepResult], str] = {}
+        with cf.ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="step") as pool:
+            while True:
+                if self.halt is None:
+                    for step_id in self._ready(set(running.values())):
+                        if len(running) >= self.jobs:
+                            break
+                        if not self._start(step_id, pool, running):
+                            break
+                if not running:
+                    break
+                done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+                for future in sorted(done, key=lambda f: self.order.index(running[f])):
+                    self._finish(running.pop(future), future)
+        self._close_out()
+
+    def _start(self, step_id: str, pool: cf.ThreadPoolExecutor,
+               running: dict[cf.Future[StepResult], str]) -> bool:
+        try:
+            self._check_start(step_id)
+        except KilledError as exc:
+            self._halt("killed", str(exc))
+            return False
+        except BudgetExhaustedError as exc:
+            self._halt("budget_exhausted", str(exc))
+            return False
+        step = self.ctx.plan.step(step_id)
+        reservation = self.ledger.reserve(self.jobs - len(running))
+        entry = self.keeper.steps[step_id]
+        entry.update(status="running", attempts=entry["attempts"] + 1,
+                     started=format_rfc3339(wall_clock()), finished=None, reason=None)
+        self.keeper.commit()  # durable before the step can have any effect
+        self.ctx.bus.publish(ev.STEP_STARTED, step_id=step_id, profile=step.profile,
+                             attempt=entry["attempts"], uid=self.ctx.uids[step_id])
+        running[pool.submit(self._attempt, step_id, reservation)] = step_id
+        return True
+
+    def _attempt(self, step_id: str, reservation: Any) -> StepResult:
+        result = self.executor.execute(self.ctx.plan.step(step_id), reservation)
+        self.ledger.settle(reservation, cpu_seconds=result.cpu_seconds,
+                           wall_seconds=result.wall_seconds, usd=result.usd,
+                           tokens=result.tokens)
+        return result
+
+    def _finish(self, step_id: str, future: cf.Future[StepResult]) -> None:
+        entry = self.keeper.steps[step_id]
+        step = self.ctx.plan.step(step_id)
+        try:
+            result = future.result()
+        except HaiosError as exc:
+            entry.update(status="failed", finished=format_rfc3339(wall_clock()),
+                         reason=str(exc))
+            self.ctx.bus.publish(ev.STEP_FINISHED, step_id=step_id, status="failed",
+                                 exit_code=None, profile=step.profile, wall_seconds=0.0,
+                                 reason=exc.reason)
+            self._halt("failed", str(exc))
+            if exc.exit_code != EXIT_STEP_FAILED and self.fatal is None:
+                self.fatal = exc  # the environment broke mid-run: exit with its code
+            self.keeper.commit()
+            return
+        entry.update(status=result.status, exit_code=result.exit_code, reason=result.reason,
+                     started=result.started, finished=result.finished,
+                     products={n: d for n, (d, _) in result.products.items()})
+        for name, (digest, size) in result.products.items():
+            self.known[name] = StoredArtefact(name, digest, size, f"step:{step_id}",
+                                              (self.ctx.signer.keyid,))
+            self.ctx.digests[name] = digest
+        self.keeper.totals = self.ledger.totals().model_dump(mode="json")
+        self.ctx.bus.publish(ev.COST_RECORDED, step_id=step_id, cpu_seconds=result.cpu_seconds,
+                             wall_seconds=result.wall_seconds, usd=result.usd,
+                             tokens=result.tokens)
+        for unit, value in self.ledger.remaining().items():
+            self.ctx.bus.publish(ev.BUDGET_REMAINING, unit=unit, value=value)
+        self.ctx.bus.publish(ev.STEP_FINISHED, step_id=step_id, status=result.status,
+                             exit_code=result.exit_code, profile=step.profile,
+                             wall_seconds=result.wall_seconds, reason=result.reason)
+        if result.status == "killed":
+            self._halt("killed", result.reason or "killed")
+        elif result.budget_cut:
+            self._halt("budget_exhausted", result.reason or "budget exhausted")
+        elif result.status != "succeeded":
+            self._halt("failed", f"step {step_id} {result.status}: {result.reason}")
+        else:
+            unit = self.ledger.exhausted()
+            if unit is not None and self._has_pending():
+                self._halt("budget_exhausted", f"budget exhausted: {unit}")
+        self.keeper.commit()
+
+    def _has_pending(self) -> bool:
+        return any(e["status"] == "pending" for e in self.keeper.steps.values())
+
+    def _halt(self, status: PlanStatus, reason: str) -> None:
+        # The first halt decides; a kill outranks a failure that it caused.
+        if self.halt is None or (status == "killed" and self.halt[0] != "killed"):
+            self.halt = (status, reason)
+        if status == "budget_exhausted":
+            self.ctx.bus.publish(ev.BUDGET_HALT, reason=reason)
+
+    def _close_out(self) -> None:
+        steps = self.keeper.steps
+        failed = {s for s, e in steps.items() if e["status"] != "succeeded"}
+        for step_id in sorted(dependents_closure(self.graph, failed) | failed):
+            if steps[step_id]["status"] == "pending":
+                steps[step_id].update(status="skipped", started=None, finished=None)
+        if self.halt is not None:
+            self.keeper.status, self.keeper.reason = self.halt
+        else:
+            self.keeper.status, self.keeper.reason = "succeeded", None

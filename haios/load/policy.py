@@ -1,0 +1,144 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Load the operator's policy folder: policy.toml, its keys and profiles.
+
+The policy is the only source of trust (contract section 1). Anything
+wrong with it (missing, unreadable, writable by others, a bad field, a
+weak or duplicated key, an invalid profile) is a `PolicyLoadError` (exit 6):
+the engine refuses to run on a policy it cannot fully understand. Does I/O
+on the policy folder only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+import tomllib
+from pathlib import Path
+
+from pydantic import ValidationError
+from securesystemslib.signer import SSlibKey
+
+from haios.errors import PolicyLoadError
+from haios.load.keys import parse_public_key
+from haios.load.parse import describe_validation_error
+from haios.models.policy import PolicyFile, Role
+from haios.sandbox.profile import Profile, load_profile
+
+POLICY_FILE = "policy.toml"
+POLICY_MAX_BYTES = 256 << 10
+KEY_MAX_BYTES = 16 << 10
+DEFAULT_POLICY_DIR = "/etc/haios/policy"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrustedRole:
+    """A role with its parsed keys (distinct key material) and threshold."""
+
+    name: str
+    keys: tuple[SSlibKey, ...]
+    threshold: int
+
+    @property
+    def keyids(self) -> frozenset[str]:
+        """Key ids of the role's keys."""
+        return frozenset(key.keyid for key in self.keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A loaded, validated policy folder."""
+
+    directory: Path
+    file: PolicyFile
+    planner: TrustedRole
+    functionary: TrustedRole
+    engine_key: SSlibKey
+    profiles: dict[str, Profile]
+
+
+def resolve_policy_dir(option: str | None, environ: dict[str, str]) -> Path:
+    """`--policy`, then `$HAIOS_POLICY`, then /etc/haios/policy (contract section 2)."""
+    return Path(option or environ.get("HAIOS_POLICY") or DEFAULT_POLICY_DIR)
+
+
+def _read_trusted(path: Path, max_bytes: int, label: str) -> bytes:
+    """Read an operator file, refusing one that others could have written."""
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise PolicyLoadError(f"{label}: cannot read ({exc.strerror})") from exc
+    if not stat.S_ISREG(info.st_mode):
+        raise PolicyLoadError(f"{label}: not a regular file")
+    if info.st_mode & 0o022:
+        raise PolicyLoadError(f"{label}: writable by group or others (mode {info.st_mode:o})")
+    if info.st_uid not in (0, os.geteuid()):
+        raise PolicyLoadError(f"{label}: owned by uid {info.st_uid}, not the operator")
+    if info.st_size > max_bytes:
+        raise PolicyLoadError(f"{label}: larger than {max_bytes} bytes")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise PolicyLoadError(f"{label}: cannot read ({exc.strerror})") from exc
+
+
+def _load_role(directory: Path, name: str, role: Role) -> TrustedRole:
+    keys: list[SSlibKey] = []
+    seen: dict[str, str] = {}
+    for relative in role.keys:
+        label = f"policy role {name}: {relative}"
+        pem = _read_trusted(directory / relative, KEY_MAX_BYTES, label)
+        try:
+            key = parse_public_key(pem, label=label)
+        except ValueError as exc:
+            raise PolicyLoadError(str(exc)) from exc
+        # Distinct means distinct key material: the key id is a hash of it,
+        # so a re-encoded copy of the same key collides here (go-tuf #733).
+        if key.keyid in seen:
+            raise PolicyLoadError(f"policy role {name}: {relative} is the same key as "
+                                  f"{seen[key.keyid]}")
+        seen[key.keyid] = relative
+        keys.append(key)
+    return TrustedRole(name, tuple(keys), role.threshold)
+
+
+def _load_profiles(directory: Path) -> dict[str, Profile]:
+    profiles_dir = directory / "profiles"
+    if not profiles_dir.is_dir():
+        raise PolicyLoadError(f"{profiles_dir}: no sandbox profiles folder")
+    names = sorted(p.name[: -len(".toml")] for p in profiles_dir.iterdir()
+                   if p.name.endswith(".toml"))
+    if "default" not in names:
+        raise PolicyLoadError(f"{profiles_dir}: the `default` profile is missing")
+    return {name: load_profile(directory, name) for name in names}
+
+
+def load_policy(directory: Path) -> Policy:
+    """Load and validate the whole policy folder.
+
+    Raises:
+        PolicyLoadError: anything missing, unsafe or invalid (exit 6).
+
+    Side Effects:
+        Reads files under `directory`.
+    """
+    raw = _read_trusted(directory / POLICY_FILE, POLICY_MAX_BYTES, f"{directory}/{POLICY_FILE}")
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PolicyLoadError(f"{directory}/{POLICY_FILE}: not valid TOML ({exc})") from exc
+    try:
+        model = PolicyFile.model_validate(document)
+    except ValidationError as exc:
+        raise PolicyLoadError(f"{directory}/{POLICY_FILE}: "
+                              f"{describe_validation_error(exc)}") from exc
+    planner = _load_role(directory, "planner", model.roles.planner)
+    functionary = _load_role(directory, "functionary", model.roles.functionary)
+    engine_label = f"policy engine.public_key: {model.engine.public_key}"
+    try:
+        engine_key = parse_public_key(
+            _read_trusted(directory / model.engine.public_key, KEY_MAX_BYTES, engine_label),
+            label=engine_label)
+    except ValueError as exc:
+        raise PolicyLoadError(str(exc)) from exc
+    return Policy(directory, model, planner, functionary, engine_key, _load_profiles(directory))

@@ -1,0 +1,157 @@
+# SPDX-License-Identifier: Apache-2.0
+"""DIR/policy.toml (contract section 11): the operator's trust and limits.
+
+Only `schema`, `roles`, `engine` and `kill_switch` are required; every other
+table has the safe default documented on its field (see policy/README.md).
+Limits may be lowered below the contract's ceilings, never raised past
+them. No I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Final, Literal, Self
+
+from pydantic import Field, StringConstraints, field_validator, model_validator
+
+from haios.models.common import EnvName, Identifier, StrictModel
+
+POLICY_SCHEMA = "haios/policy/v1"
+
+# Contract section 12 ceilings.
+PLAN_MAX_BYTES: Final = 1 << 20
+SIG_MAX_BYTES: Final = 64 << 10
+LINK_MAX_BYTES: Final = 1 << 20
+COST_REPORT_MAX_BYTES: Final = 4 << 10
+JSON_MAX_DEPTH: Final = 32
+
+# Environment names a plan can never set: the contract's three families, the
+# names the engine itself sets, and the shell start-up hooks /bin/sh honours.
+ALWAYS_DENIED_PREFIXES: Final = ("LD_", "PYTHON", "HAIOS_")
+ALWAYS_DENIED_NAMES: Final = frozenset({"PATH", "HOME", "VAULT_ADDR", "VAULT_TOKEN"})
+DEFAULT_DENIED_NAMES: Final = (
+    "BASH_ENV", "ENV", "PS4", "SHELLOPTS", "BASHOPTS", "CDPATH", "GLOBIGNORE", "IFS",
+    "PERL5OPT", "PERL5LIB", "RUBYOPT", "NODE_OPTIONS", "GCONV_PATH", "LOCPATH", "MALLOC_CHECK_",
+)
+
+RelPath = Annotated[str, StringConstraints(min_length=1, max_length=255,
+                                           pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")]
+AbsPath = Annotated[str, StringConstraints(min_length=2, max_length=4096, pattern=r"^/[^\x00]*$")]
+VaultPolicyName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,127}$")]
+
+
+class Role(StrictModel):
+    """A set of trusted public keys and how many distinct ones must sign."""
+
+    keys: list[RelPath] = Field(min_length=1, max_length=64)
+    threshold: int = Field(ge=1, le=64)
+
+    @field_validator("keys")
+    @classmethod
+    def _relative(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if ".." in key.split("/"):
+                raise ValueError(f"key path {key!r} leaves the policy folder")
+        if len(set(keys)) != len(keys):
+            raise ValueError("the same key file is listed twice")
+        return keys
+
+    @model_validator(mode="after")
+    def _reachable(self) -> Self:
+        if self.threshold > len(self.keys):
+            raise ValueError(f"threshold {self.threshold} exceeds {len(self.keys)} keys")
+        return self
+
+
+class Roles(StrictModel):
+    """Who may sign the plan and who may submit artefacts."""
+
+    planner: Role
+    functionary: Role
+
+
+class EngineSection(StrictModel):
+    """The engine's own key: a securesystemslib private key URI and its public half."""
+
+    signing_key: Annotated[str, StringConstraints(pattern=r"^(file2:/|hv:)[^\x00]{1,4096}$")]
+    public_key: RelPath
+
+
+class KillSwitchSection(StrictModel):
+    """Operator-wide kill flags, outside os_root (they count as global)."""
+
+    extra_paths: list[AbsPath] = Field(default_factory=list, max_length=64)
+
+
+class VaultScope(StrictModel):
+    """A Vault scope a step may name: the token gets exactly these policies."""
+
+    policies: list[VaultPolicyName] = Field(min_length=1, max_length=32)
+    ttl_seconds: int = Field(default=120, ge=1, le=86_400)
+    num_uses: int = Field(default=0, ge=0, le=1_000_000)
+
+    @field_validator("policies")
+    @classmethod
+    def _no_privileged_policy(cls, policies: list[str]) -> list[str]:
+        if "root" in policies:
+            raise ValueError("a scope may not grant the root policy")
+        if len(set(policies)) != len(policies):
+            raise ValueError("a Vault policy is listed twice")
+        return policies
+
+
+class SandboxSection(StrictModel):
+    """Identity of the step processes: each step gets its own uid/gid."""
+
+    uid_base: int = Field(default=600_000, ge=1000, le=4_000_000_000)
+    uid_count: int = Field(default=65_536, ge=1, le=1_000_000)
+
+
+class LimitsSection(StrictModel):
+    """Size and time limits; unit in each name. Defaults are the contract ceilings."""
+
+    plan_max_bytes: int = Field(default=PLAN_MAX_BYTES, ge=1024, le=PLAN_MAX_BYTES)
+    sig_max_bytes: int = Field(default=SIG_MAX_BYTES, ge=256, le=SIG_MAX_BYTES)
+    link_max_bytes: int = Field(default=LINK_MAX_BYTES, ge=256, le=LINK_MAX_BYTES)
+    cost_report_max_bytes: int = Field(default=COST_REPORT_MAX_BYTES, ge=16,
+                                       le=COST_REPORT_MAX_BYTES)
+    json_max_depth: int = Field(default=JSON_MAX_DEPTH, ge=4, le=JSON_MAX_DEPTH)
+    links_max_files: int = Field(default=4096, ge=1, le=65_536)
+    product_max_bytes: int = Field(default=1 << 30, ge=1, le=1 << 40)
+    log_max_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
+    timeout_max_seconds: int = Field(default=86_400, ge=1, le=7 * 86_400)
+    expires_max_days: int = Field(default=366, ge=1, le=3660)
+
+
+class EnvSection(StrictModel):
+    """Extra environment names plans may not set (on top of the fixed denials)."""
+
+    deny: list[EnvName] = Field(default_factory=lambda: list(DEFAULT_DENIED_NAMES))
+
+
+class LedgerSection(StrictModel):
+    """Optional replay ledger outside os_root (contract section 12)."""
+
+    path: AbsPath | None = None
+
+
+class PolicyFile(StrictModel):
+    """policy.toml as a whole."""
+
+    schema_: Literal["haios/policy/v1"] = Field(alias="schema")
+    roles: Roles
+    engine: EngineSection
+    kill_switch: KillSwitchSection = Field(default_factory=KillSwitchSection)
+    vault_scopes: dict[Identifier, VaultScope] = Field(default_factory=dict)
+    sandbox: SandboxSection = Field(default_factory=SandboxSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    env: EnvSection = Field(default_factory=EnvSection)
+    ledger: LedgerSection = Field(default_factory=LedgerSection)
+
+
+def env_name_denied(name: str, extra: frozenset[str]) -> bool:
+    """True when a plan may not set the environment variable `name`."""
+    return (
+        name.startswith(ALWAYS_DENIED_PREFIXES)
+        or name in ALWAYS_DENIED_NAMES
+        or name in extra
+    )

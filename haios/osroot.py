@@ -1,0 +1,70 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The os_root layout (contract section 3), opened without following links.
+
+`OsRoot` holds descriptors for the client-written directories (read-only
+use) and the engine-owned ones, plus `.haios/`, the engine's private area
+(mode 0700: verified input copies, step workspaces, token directories).
+Does I/O.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Final
+
+from haios._util.safedir import SafeDir
+from haios.errors import PathError
+
+PLAN_FILE: Final = "exec_plan.json"
+PLAN_SIG: Final = "exec_plan.json.sig"
+STATE_FILE: Final = "state.json"
+REGISTRY_FILE: Final = "registry_map.json"
+AUDIT_FILE: Final = "audit.jsonl"
+METRICS_FILE: Final = "metrics.prom"
+LOCK_FILE: Final = ".haios.lock"
+PRIVATE_DIR: Final = ".haios"
+ENGINE_DIRS: Final = ("artefacts", "cost", "logs")
+
+
+class OsRoot:
+    """An opened os_root. Close it with `close()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            info = os.lstat(path)
+        except OSError as exc:
+            raise PathError(f"{path}: os_root cannot be read ({exc.strerror})") from exc
+        if stat.S_ISLNK(info.st_mode):
+            raise PathError(f"{path}: os_root is a symlink")
+        self.root = SafeDir.open(path, label="os_root")
+        self._subs: dict[str, SafeDir] = {}
+
+    def close(self) -> None:
+        """Close every descriptor."""
+        for sub in self._subs.values():
+            sub.close()
+        self._subs.clear()
+        self.root.close()
+
+    def sub(self, name: str, *, create: bool = False, mode: int = 0o755) -> SafeDir:
+        """A (cached) subdirectory; created when asked."""
+        if name not in self._subs:
+            self._subs[name] = self.root.sub(name, create=create, mode=mode)
+        return self._subs[name]
+
+    def optional_sub(self, name: str) -> SafeDir | None:
+        """A subdirectory if it exists (it must be a real directory)."""
+        if self.root.lstat(name) is None:
+            return None
+        return self.sub(name)
+
+    def private(self) -> SafeDir:
+        """`.haios/`, created 0700 and checked to be ours."""
+        private = self.sub(PRIVATE_DIR, create=True, mode=0o700)
+        info = os.fstat(private.fd)
+        if info.st_uid != os.geteuid() or info.st_mode & 0o077:
+            raise PathError(f"os_root/{PRIVATE_DIR}: not private to the engine")
+        return private

@@ -1,0 +1,79 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Per-step Vault/OpenBao tokens behind a Protocol (contract sections 9, 11, 12).
+
+Public names:
+
+- `SecretProvider`, `ScopeGrant`, `IssuedToken`: the seam (provider.py).
+- `HvacProvider`, `provider_from_environment`: the hvac backend (_hvac.py),
+  imported on first use so that a run without Vault scopes never loads hvac.
+- `write_token_file`, `shred_token_dir`: the step's token file (tokenfile.py).
+- `revoke_leftovers`: retrying failed revocations (journal.py).
+
+Importing this package does no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from haios.secrets.journal import LeftoverRevocation, revoke_leftovers
+from haios.secrets.provider import IssuedToken, ScopeGrant, SecretProvider
+from haios.secrets.tokenfile import TOKEN_FILE_NAME, shred_token_dir, write_token_file
+
+if TYPE_CHECKING:
+    from haios.secrets._hvac import HvacProvider
+
+__all__ = [
+    "TOKEN_FILE_NAME",
+    "HvacProvider",
+    "IssuedToken",
+    "LeftoverRevocation",
+    "ScopeGrant",
+    "SecretProvider",
+    "provider_from_environment",
+    "revoke_leftovers",
+    "shred_token_dir",
+    "write_token_file",
+]
+
+
+def provider_from_environment(
+    env: Mapping[str, str], *, token_role: str | None = None
+) -> HvacProvider:
+    """The hvac-backed provider configured from `VAULT_*` variables.
+
+    Args:
+        env: the environment to read (normally `os.environ`).
+        token_role: mint step tokens through this Vault token role.
+
+    Returns:
+        A provider; nothing has been sent to Vault yet (call `preflight`).
+
+    Raises:
+        VaultUnavailableError: `VAULT_ADDR` or `VAULT_TOKEN` is missing, or a
+            setting is unsafe.
+    """
+    from haios.secrets._hvac import HvacProvider  # hvac loads only when used
+
+    return HvacProvider.from_environment(env, token_role=token_role)
+
+
+def __getattr__(name: str) -> object:
+    """Load `HvacProvider` on first access (hvac and requests take ~150 ms).
+
+    Args:
+        name: the attribute asked for.
+
+    Returns:
+        The `HvacProvider` class.
+
+    Raises:
+        AttributeError: any other name.
+    """
+    if name == "HvacProvider":
+        from haios.secrets._hvac import HvacProvider  # see docstring
+
+        return HvacProvider
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
