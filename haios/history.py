@@ -20,7 +20,8 @@ from haios._util.safedir import SafeDir
 from haios._util.strict_json import StrictJSONError, parse_strict_json
 from haios.errors import HaiosError, InputError, PathError, ReplayError, TamperedError
 from haios.intake import StoredArtefact, copy_into
-from haios.load.policy import Policy, TrustedRole
+from haios.load.keys import TrustedRole
+from haios.load.policy import Policy
 from haios.models.common import ID_PATTERN, format_rfc3339
 from haios.models.plan import ExecPlan
 from haios.models.state import STATE_SCHEMA, RegistryMap, RunState

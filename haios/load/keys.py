@@ -8,6 +8,8 @@ Pure: takes bytes.
 
 from __future__ import annotations
 
+import dataclasses
+
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from securesystemslib.signer import SSlibKey
@@ -28,3 +30,17 @@ def parse_public_key(pem: bytes, *, label: str) -> SSlibKey:
     if isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
         return SSlibKey.from_crypto(key, scheme="ecdsa-sha2-nistp256")
     raise ValueError(f"{label}: only Ed25519 and ECDSA P-256 keys are accepted")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrustedRole:
+    """A role with its parsed keys (distinct key material) and threshold."""
+
+    name: str
+    keys: tuple[SSlibKey, ...]
+    threshold: int
+
+    @property
+    def keyids(self) -> frozenset[str]:
+        """Key ids of the role's keys."""
+        return frozenset(key.keyid for key in self.keys)

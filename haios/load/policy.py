@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from securesystemslib.signer import SSlibKey
 
 from haios.errors import PolicyLoadError
-from haios.load.keys import parse_public_key
+from haios.load.keys import TrustedRole, parse_public_key
 from haios.load.parse import describe_validation_error
 from haios.models.policy import PolicyFile, Role
 from haios.sandbox.profile import Profile, load_profile
@@ -29,20 +29,6 @@ POLICY_FILE = "policy.toml"
 POLICY_MAX_BYTES = 256 << 10
 KEY_MAX_BYTES = 16 << 10
 DEFAULT_POLICY_DIR = "/etc/haios/policy"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrustedRole:
-    """A role with its parsed keys (distinct key material) and threshold."""
-
-    name: str
-    keys: tuple[SSlibKey, ...]
-    threshold: int
-
-    @property
-    def keyids(self) -> frozenset[str]:
-        """Key ids of the role's keys."""
-        return frozenset(key.keyid for key in self.keys)
 
 
 @dataclasses.dataclass(frozen=True)

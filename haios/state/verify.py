@@ -13,7 +13,8 @@ from typing import Any
 from haios._util.strict_json import parse_strict_json
 from haios.audit import AuditHead, verify_audit_against_head
 from haios.errors import HaiosError, InputError, TamperedError
-from haios.load.policy import Policy, TrustedRole
+from haios.load.keys import TrustedRole
+from haios.load.policy import Policy
 from haios.models.state import RegistryMap, RunState
 from haios.osroot import AUDIT_FILE, REGISTRY_FILE, STATE_FILE, OsRoot
 from haios.state.store import STATE_MAX_BYTES, read_signed

@@ -22,7 +22,7 @@ from securesystemslib.signer import Signature, SSlibKey
 
 from haios.errors import DigestError, SignatureError, ThresholdError
 from haios.load.parse import parse_model
-from haios.load.policy import TrustedRole
+from haios.load.keys import TrustedRole
 from haios.models.envelope import PAYLOAD_TYPE, DsseEnvelope, Statement
 
 _STANDARD_B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")

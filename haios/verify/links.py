@@ -23,7 +23,7 @@ from securesystemslib.signer import Signature
 
 from haios.errors import InputError, LinkError, SignatureError
 from haios.load.parse import parse_json_bytes
-from haios.load.policy import TrustedRole
+from haios.load.keys import TrustedRole
 from haios.verify.dsse import verify_envelope
 
 
