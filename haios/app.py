@@ -17,7 +17,6 @@ from haios._util.safedir import SafeDir
 from haios.engine import Services, run_plan
 from haios.errors import BusyError, HaiosError
 from haios.load.policy import load_policy, resolve_policy_dir
-from haios.models.state import RunState
 from haios.osroot import METRICS_FILE, STATE_FILE, OsRoot
 
 
@@ -82,8 +81,7 @@ def state_command(os_root: Path, policy_option: Path | None, environ: dict[str, 
                                             environ))
     osr = OsRoot(os_root)
     try:
-        state: RunState = verify_state_files(osr, policy)
-        return state.model_dump(mode="json", by_alias=True)
+        return verify_state_files(osr, policy)
     finally:
         osr.close()
 

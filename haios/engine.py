@@ -13,6 +13,7 @@ import concurrent.futures as cf
 import dataclasses
 import datetime as dt
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,6 @@ from haios.errors import (
     EngineKeyError,
     HaiosError,
     KilledError,
-    ReplayError,
 )
 from haios.execute import RunContext, StepExecutor, StepGuard, StepResult, wall_clock
 from haios.history import History, check_fresh_outputs, verify_outputs
@@ -44,7 +44,7 @@ from haios.osroot import LOCK_FILE, STATE_FILE, OsRoot
 from haios.registry import write_registry
 from haios.sandbox.spec import StepRunner
 from haios.signing import EngineSigner
-from haios.state.store import read_signed, write_signed
+from haios.state.store import write_signed
 
 
 @dataclasses.dataclass
@@ -66,6 +66,10 @@ class GuardRequest:
     plan: ExecPlan
     bus: ev.EventBus
     run_id: str
+    #: Vault accessors a previous run recorded as not yet revoked
+    leftover_accessors: tuple[str, ...] = ()
+    #: durably records a token accessor in state before the token is handed out
+    record_accessor: Callable[[str, str], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +107,7 @@ class StateKeeper:
                                        else {"cpu_seconds": 0.0, "wall_seconds": 0.0,
                                              "usd": 0.0, "tokens": 0})
         self._audit_head = audit_head
+        self.lock = threading.RLock()
 
     def document(self, now: dt.datetime) -> RunState:
         """The current state as a model (validated)."""
@@ -113,12 +118,18 @@ class StateKeeper:
             "audit": self._audit_head(),
         })
 
-    def commit(self) -> RunState:
-        """Publish the state atomically with a fresh engine signature."""
-        self.seq += 1
-        state = self.document(wall_clock())
-        write_signed(self.osr.root, STATE_FILE, state, self.signer)
-        return state
+    def commit(self) -> dict[str, Any]:
+        """Publish the state atomically with a fresh engine signature; return it."""
+        with self.lock:
+            self.seq += 1
+            return write_signed(self.osr.root, STATE_FILE, self.document(wall_clock()),
+                                self.signer)
+
+    def record_accessor(self, step_id: str, accessor: str) -> None:
+        """Durably note a Vault accessor before its token can be used (worker thread)."""
+        with self.lock:
+            self.steps[step_id]["token_accessors"].append(accessor)
+        self.commit()
 
 
 def run_plan(path: Path, policy: Policy, *, jobs: int, services: Services,
@@ -212,7 +223,9 @@ def _execute(osr: OsRoot, policy: Policy, plan: ExecPlan, plan_sha256: str,
     keeper.status = "running"
     keeper.reason = None
     keeper.commit()
-    guard = services.guard_factory(GuardRequest(osr, policy, plan, bus, plan_sha256[:12]))
+    leftovers = tuple(a for entry in keeper.steps.values() for a in entry["token_accessors"])
+    guard = services.guard_factory(GuardRequest(osr, policy, plan, bus, plan_sha256[:12],
+                                                leftovers, keeper.record_accessor))
     ctx = RunContext(osr, policy, plan, signer, services.runner_factory(policy), guard, bus,
                      store, osr.private(), step_uids(plan, order, policy), wall_clock,
                      {name: item.sha256 for name, item in known.items()})
@@ -224,11 +237,10 @@ def _execute(osr: OsRoot, policy: Policy, plan: ExecPlan, plan_sha256: str,
         if callable(close):
             close()
     write_registry(osr, plan, known, signer)
-    final = keeper.commit()
     bus.publish(ev.RUN_FINISHED, status=keeper.status, reason=keeper.reason)
+    document = keeper.commit()
     if scheduler.fatal is not None:
         raise scheduler.fatal
-    document = final.model_dump(mode="json", by_alias=True)
     return RunOutcome(STATUS_EXIT.get(keeper.status, EXIT_STEP_FAILED), document,
                       keeper.reason or f"plan {keeper.status}")
 
@@ -257,6 +269,9 @@ class Scheduler:
         """Refusals checked before each start: kill flags, expiry, budget."""
         from haios.watchdog.flags import global_flag_present, step_flag_present
 
+        failure = self.ctx.guard.failure()
+        if failure is not None:
+            raise failure
         policy = self.ctx.policy
         control = self.ctx.osr.path / "control"
         flag = global_flag_present(control, [Path(p) for p in policy.file.kill_switch.extra_paths])
@@ -296,6 +311,10 @@ class Scheduler:
         except BudgetExhaustedError as exc:
             self._halt("budget_exhausted", str(exc))
             return False
+        except HaiosError as exc:
+            self._halt("failed", str(exc))
+            self.fatal = self.fatal or exc
+            return False
         step = self.ctx.plan.step(step_id)
         reservation = self.ledger.reserve(self.jobs - len(running))
         entry = self.keeper.steps[step_id]
@@ -319,6 +338,15 @@ class Scheduler:
         step = self.ctx.plan.step(step_id)
         try:
             result = future.result()
+        except KilledError as exc:
+            entry.update(status="killed", finished=format_rfc3339(wall_clock()),
+                         reason=str(exc))
+            self.ctx.bus.publish(ev.STEP_FINISHED, step_id=step_id, status="killed",
+                                 exit_code=None, profile=step.profile, wall_seconds=0.0,
+                                 reason=exc.reason)
+            self._halt("killed", str(exc))
+            self.keeper.commit()
+            return
         except HaiosError as exc:
             entry.update(status="failed", finished=format_rfc3339(wall_clock()),
                          reason=str(exc))
@@ -330,9 +358,11 @@ class Scheduler:
                 self.fatal = exc  # the environment broke mid-run: exit with its code
             self.keeper.commit()
             return
+        leftovers = set(getattr(self.ctx.guard, "leftovers", ()))
         entry.update(status=result.status, exit_code=result.exit_code, reason=result.reason,
                      started=result.started, finished=result.finished,
-                     products={n: d for n, (d, _) in result.products.items()})
+                     products={n: d for n, (d, _) in result.products.items()},
+                     token_accessors=[a for a in entry["token_accessors"] if a in leftovers])
         for name, (digest, size) in result.products.items():
             self.known[name] = StoredArtefact(name, digest, size, f"step:{step_id}",
                                               (self.ctx.signer.keyid,))
@@ -353,9 +383,13 @@ class Scheduler:
         elif result.status != "succeeded":
             self._halt("failed", f"step {step_id} {result.status}: {result.reason}")
         else:
-            unit = self.ledger.exhausted()
-            if unit is not None and self._has_pending():
-                self._halt("budget_exhausted", f"budget exhausted: {unit}")
+            exhausted = self.ledger.exhausted()
+            if exhausted is not None and self._has_pending():
+                self._halt("budget_exhausted", f"budget exhausted: {exhausted}")
+        failure = self.ctx.guard.failure()
+        if failure is not None:
+            self._halt("failed", str(failure))
+            self.fatal = self.fatal or failure
         self.keeper.commit()
 
     def _has_pending(self) -> bool:

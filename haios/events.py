@@ -61,9 +61,9 @@ class EventBus:
         with self._lock:
             self._subscribers.append(subscriber)
 
-    def publish(self, kind: str, **fields: Any) -> None:
+    def publish(self, event_kind: str, /, **fields: Any) -> None:
         """Deliver one event to every subscriber, in subscription order."""
-        event = Event(kind, dict(fields))
+        event = Event(event_kind, dict(fields))
         with self._lock:
             for subscriber in self._subscribers:
                 subscriber(event)

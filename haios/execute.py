@@ -45,7 +45,6 @@ from haios.osroot import OsRoot
 from haios.sandbox.evidence import confinement_record
 from haios.sandbox.spec import (
     VIEW_COST_REPORT,
-    VIEW_TOKEN_FILE,
     VIEW_WORKSPACE,
     StepOutcome,
     StepRunner,
@@ -71,6 +70,10 @@ class StepGuard(Protocol):
         """The kill flag that stopped the step, or None."""
         ...
 
+    def failure(self) -> HaiosError | None:
+        """An error that must stop the whole run (e.g. the watchdog died), or None."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class StepGrant:
@@ -93,6 +96,10 @@ class NoGuard:
 
     def was_killed(self, step_id: str) -> str | None:
         """Never killed."""
+        return None
+
+    def failure(self) -> HaiosError | None:
+        """Never fails."""
         return None
 
 

@@ -44,8 +44,8 @@ def generate_key(directory: Path, name: str) -> tuple[Path, Path]:
 def load_signer(private: Path) -> CryptoSigner:
     """A securesystemslib signer for a PKCS#8 key file."""
     key = serialization.load_pem_private_key(private.read_bytes(), password=None)
-    public = SSlibKey.from_crypto(key.public_key())  # type: ignore[arg-type]
-    return CryptoSigner.from_priv_key_uri(f"file2:{private}", public)  # type: ignore[no-any-return]
+    public = SSlibKey.from_crypto(key.public_key())
+    return CryptoSigner.from_priv_key_uri(f"file2:{private}", public)
 
 
 def sign_file(path: Path, private: Path, *, subject: str | None = None) -> Path:

@@ -129,9 +129,20 @@ class EnvSection(StrictModel):
 
 
 class LedgerSection(StrictModel):
-    """Optional replay ledger outside os_root (contract section 12)."""
+    """Optional replay ledger outside os_root (contract section 12).
+
+    Not implemented in this version: setting `path` is refused rather than
+    silently ignored, so no operator believes a ledger protects them.
+    """
 
     path: AbsPath | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _not_yet(cls, path: str | None) -> str | None:
+        if path is not None:
+            raise ValueError("the replay ledger is not supported by this engine version")
+        return path
 
 
 class PolicyFile(StrictModel):

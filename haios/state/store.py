@@ -49,11 +49,13 @@ def read_signed(directory: SafeDir, name: str, model: type[M], key: SSlibKey) ->
         raise TamperedError(f"{name}: {exc}") from exc
 
 
-def write_signed(directory: SafeDir, name: str, model: BaseModel, signer: EngineSigner) -> None:
-    """Sign `model` (embedded) and publish it atomically as `name`.
+def write_signed(directory: SafeDir, name: str, model: BaseModel, signer: EngineSigner
+                 ) -> dict[str, Any]:
+    """Sign `model` (embedded) and publish it atomically as `name`; return what was written.
 
     Side Effects:
         Atomic replace of `name` in `directory` (temp, fsync, rename, fsync dir).
     """
-    document: dict[str, Any] = model.model_dump(mode="json", by_alias=True)
-    directory.write_atomic(name, dump_json(signer.embed(document)))
+    document = signer.embed(model.model_dump(mode="json", by_alias=True))
+    directory.write_atomic(name, dump_json(document))
+    return document

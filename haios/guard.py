@@ -1,0 +1,230 @@
+# SPDX-License-Identifier: Apache-2.0
+"""External resources around each step: its kill cgroup and its Vault token.
+
+`RunGuard` is the production `StepGuard`: before a step it creates the
+step's cgroup and registers it with the watchdog, issues a token scoped to
+the step's Vault scope and writes it where only the step's uid can read
+it; after the step it unregisters and revokes the token by accessor,
+whatever the outcome. `preflight` checks, before anything runs, that the
+sandbox and (when a step needs it) Vault are usable (exit 6). Does I/O.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from haios import events as ev
+from haios.engine import GuardRequest
+from haios.errors import HaiosError, KilledError, VaultUnavailableError, WatchdogLostError
+from haios.execute import StepGrant
+from haios.load.policy import Policy
+from haios.models.plan import ExecPlan, PlanStep
+from haios.sandbox.spec import VIEW_TOKEN_FILE
+
+
+def _grant(policy: Policy, scope: str) -> Any:
+    from haios.secrets import ScopeGrant
+
+    entry = policy.file.vault_scopes[scope]
+    return ScopeGrant(tuple(entry.policies), entry.ttl_seconds, entry.num_uses)
+
+
+def preflight(policy: Policy, plan: ExecPlan, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse (exit 6) when the sandbox or a needed Vault is unusable.
+
+    Side Effects:
+        Probes namespaces; contacts Vault when a step names a scope.
+    """
+    import os
+
+    from haios.sandbox.preflight import check_sandbox_prerequisites
+
+    check_sandbox_prerequisites([policy.profiles[s.profile] for s in plan.steps])
+    scopes = sorted({s.vault_scope for s in plan.steps if s.vault_scope})
+    if scopes:
+        from haios.secrets import provider_from_environment
+
+        provider = provider_from_environment(environ if environ is not None else os.environ)
+        provider.preflight([_grant(policy, scope) for scope in scopes])
+
+
+class RunGuard:
+    """Watchdog registration and Vault tokens for one run."""
+
+    def __init__(self, request: GuardRequest, watchdog: Any, provider: Any,
+                 vault_addr: str | None) -> None:
+        self.request = request
+        self.watchdog = watchdog
+        self.provider = provider
+        self.vault_addr = vault_addr
+        self.kills: dict[str, str] = {}
+        self.leftovers: list[str] = []
+        self._lock = threading.Lock()
+        self.lost: HaiosError | None = None
+
+    def note_kill(self, step_id: str | None, flag: str) -> None:
+        """Remember which flag killed which step (None: every running step)."""
+        with self._lock:
+            self.kills[step_id or "*"] = flag
+
+    def on_kill(self, report: Any) -> None:
+        """Watchdog callback (its reader thread): record and publish one kill."""
+        self.note_kill(report.step_id, report.flag or report.scope)
+        self.request.bus.publish(ev.KILL, scope=report.scope, flag=_flag_name(report.flag),
+                                 step_id=report.step_id,
+                                 latency_seconds=report.latency_seconds,
+                                 complete=report.complete)
+
+    def on_engaged(self, engagement: Any) -> None:
+        """Watchdog callback: a flag was seen (latched for the run)."""
+        self.request.bus.publish(ev.KILL_SWITCH, engaged=True,
+                                 flag=_flag_name(engagement.flag), scope=engagement.scope)
+
+    def on_lost(self) -> None:
+        """Watchdog callback: it died. Kill every tree ourselves and fail closed."""
+        with self._lock:
+            self.lost = WatchdogLostError("the watchdog process died; every step tree "
+                                          "was killed by the engine")
+        if self.watchdog is not None:
+            self.watchdog.kill_all_registered()
+
+    def failure(self) -> HaiosError | None:
+        """An error that must stop the run (the watchdog was lost), or None."""
+        with self._lock:
+            return self.lost
+
+    def before(self, step: PlanStep, uid: int, gid: int, secret_dir: str) -> StepGrant:
+        """Create and register the step's cgroup; issue its scoped token.
+
+        Raises:
+            KilledError: a flag killed the step at registration (do not start it).
+            WatchdogLostError, VaultUnavailableError: the run must stop.
+        """
+        lost = self.failure()
+        if lost is not None:
+            raise lost
+        cgroup = None
+        if self.watchdog is not None:
+            path = self.watchdog.create_step_cgroup(step.id)
+            cgroup = str(path)
+            report = self.watchdog.register(step.id, path)
+            if report is not None:
+                self.watchdog.remove_step_cgroup(path)
+                raise KilledError(f"kill switch {_flag_name(report.flag)} engaged")
+        if step.vault_scope is None:
+            return StepGrant(cgroup=cgroup)
+        try:
+            return self._issue(step, uid, gid, secret_dir, cgroup)
+        except BaseException:
+            if self.watchdog is not None and cgroup is not None:
+                self.watchdog.unregister(step.id)
+                self.watchdog.remove_step_cgroup(Path(cgroup))
+            raise
+
+    def _issue(self, step: PlanStep, uid: int, gid: int, secret_dir: str,
+               cgroup: str | None) -> StepGrant:
+        from haios.secrets import write_token_file
+
+        if self.provider is None or self.vault_addr is None or step.vault_scope is None:
+            raise VaultUnavailableError(f"step {step.id}: Vault is not configured")
+        grant = _grant(self.request.policy, step.vault_scope)
+        token = self.provider.issue(step.id, grant,
+                                    ttl_seconds=min(grant.ttl_seconds, step.timeout_seconds))
+        # Record the accessor durably before the token can be used (resume revokes it).
+        if self.request.record_accessor is not None:
+            self.request.record_accessor(step.id, token.accessor)
+        self.request.bus.publish(ev.VAULT_TOKEN_ISSUED, step_id=step.id,
+                                 accessor=token.accessor, ttl_seconds=token.ttl_seconds)
+        try:
+            write_token_file(Path(secret_dir), token, uid, gid)
+        except BaseException:
+            self._revoke(step.id, token.accessor)
+            raise
+        env = {"VAULT_ADDR": self.vault_addr, "HAIOS_VAULT_TOKEN_FILE": VIEW_TOKEN_FILE}
+        return StepGrant(cgroup=cgroup, env=env, accessor=token.accessor)
+
+    def after(self, step: PlanStep, grant: StepGrant) -> None:
+        """Unregister the cgroup and revoke the token, whatever happened."""
+        try:
+            if grant.accessor is not None:
+                self._revoke(step.id, grant.accessor)
+        finally:
+            if self.watchdog is not None and grant.cgroup is not None and self.failure() is None:
+                self.watchdog.unregister(step.id)
+                self.watchdog.remove_step_cgroup(Path(grant.cgroup))
+
+    def _revoke(self, step_id: str, accessor: str) -> None:
+        try:
+            self.provider.revoke(accessor)
+        except HaiosError as exc:
+            with self._lock:
+                self.leftovers.append(accessor)
+            self.request.bus.publish(ev.VAULT_REVOKE_FAILED, step_id=step_id,
+                                     accessor=accessor, message=exc.reason)
+            return
+        self.request.bus.publish(ev.VAULT_TOKEN_REVOKED, step_id=step_id, accessor=accessor)
+
+    def was_killed(self, step_id: str) -> str | None:
+        """The flag that killed `step_id`, if the watchdog reported one."""
+        with self._lock:
+            return self.kills.get(step_id) or self.kills.get("*")
+
+    def revoke_leftovers(self, accessors: tuple[str, ...]) -> None:
+        """Revoke tokens a previous (crashed) run recorded as not yet revoked."""
+        for accessor in accessors:
+            self._revoke("resume", accessor)
+
+    def close(self) -> None:
+        """Retry failed revocations; stop the watchdog."""
+        if self.leftovers and self.provider is not None:
+            from haios.secrets import revoke_leftovers
+
+            revoke_leftovers(self.provider, list(self.leftovers))
+        if self.watchdog is not None:
+            self.watchdog.close()
+
+
+def _flag_name(flag: str | None) -> str:
+    """A flag's base name for records (never the os_root path)."""
+    if not flag:
+        return "engine_lost"
+    return Path(flag.split(" ", 1)[0]).name
+
+
+def make_guard(request: GuardRequest) -> RunGuard:
+    """Start the watchdog for this run and connect Vault when a step needs it.
+
+    Raises:
+        EnvironmentUnavailableError: the watchdog cannot start (exit 6).
+        VaultUnavailableError: a step needs Vault and it is not configured.
+
+    Side Effects:
+        Spawns the watchdog process and creates the run's cgroup.
+    """
+    import os
+    import secrets as pyrandom
+
+    from haios.watchdog.client import Watchdog
+
+    provider = None
+    addr = None
+    if any(step.vault_scope for step in request.plan.steps):
+        from haios.secrets import provider_from_environment
+
+        provider = provider_from_environment(os.environ)
+        addr = os.environ.get("VAULT_ADDR")
+    guard = RunGuard(request, None, provider, addr)
+    if provider is not None and request.leftover_accessors:
+        guard.revoke_leftovers(request.leftover_accessors)
+    private = request.osr.path / ".haios"
+    guard.watchdog = Watchdog.start(
+        control_dir=request.osr.path / "control",
+        extra_paths=[Path(p) for p in request.policy.file.kill_switch.extra_paths],
+        journal_path=private / "watchdog.jsonl",
+        run_id=f"{request.run_id}-{os.getpid()}-{pyrandom.token_hex(3)}",
+        on_kill=guard.on_kill, on_lost=guard.on_lost, on_engaged=guard.on_engaged,
+    )
+    return guard
