@@ -14,19 +14,36 @@ from typing import Any
 
 from haios import events as ev
 from haios._util.safedir import SafeDir
-from haios.engine import Services, run_plan
+from haios.engine import GuardRequest, Services, run_plan
 from haios.errors import BusyError, HaiosError
-from haios.load.policy import load_policy, resolve_policy_dir
+from haios.execute import StepGuard
+from haios.load.policy import Policy, load_policy, resolve_policy_dir
+from haios.models.plan import ExecPlan
 from haios.osroot import METRICS_FILE, STATE_FILE, OsRoot
+from haios.sandbox.spec import StepRunner
+
+
+def _runner(policy: Policy) -> StepRunner:
+    from haios.sandbox.runner import NamespaceRunner
+
+    return NamespaceRunner()
+
+
+def _guard(request: GuardRequest) -> StepGuard:
+    from haios.guard import make_guard
+
+    return make_guard(request)
+
+
+def _preflight(policy: Policy, plan: ExecPlan) -> None:
+    from haios.guard import preflight
+
+    preflight(policy, plan)
 
 
 def default_services() -> Services:
-    """The production parts: namespace sandbox, watchdog + Vault guard."""
-    from haios.guard import make_guard, preflight
-    from haios.sandbox.runner import NamespaceRunner
-
-    return Services(runner_factory=lambda policy: NamespaceRunner(),
-                    guard_factory=make_guard, preflight=preflight)
+    """The production parts: namespace sandbox, watchdog + Vault guard (imported lazily)."""
+    return Services(runner_factory=_runner, guard_factory=_guard, preflight=_preflight)
 
 
 def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, str], *,
@@ -62,9 +79,8 @@ def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, st
 
 def _write_metrics(os_root: Path, recorder: Any) -> None:
     """Write metrics.prom at the end of the run (best effort after a refusal)."""
-    with contextlib.suppress(HaiosError, OSError):
-        with SafeDir.open(os_root, label="os_root") as root:
-            recorder.write_textfile(root.fd, METRICS_FILE)
+    with contextlib.suppress(HaiosError, OSError), SafeDir.open(os_root, label="os_root") as root:
+        recorder.write_textfile(root.fd, METRICS_FILE)
 
 
 def state_command(os_root: Path, policy_option: Path | None, environ: dict[str, str]

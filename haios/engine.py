@@ -158,6 +158,7 @@ def _locked_run(osr: OsRoot, policy: Policy, jobs: int, services: Services,
     if flag is not None:
         bus.publish(ev.KILL_SWITCH, engaged=True, flag=flag)
         raise KilledError(f"kill switch {flag} is set; refusing to start")
+    osr.sweep_temp_files()  # leftovers of a crash mid-write; never trusted, never kept
     history = History.open(osr, policy, bus)
     signer, key_error = _load_signer(policy)
     now = wall_clock()

@@ -10,6 +10,7 @@ Does I/O.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Final
@@ -26,6 +27,7 @@ METRICS_FILE: Final = "metrics.prom"
 LOCK_FILE: Final = ".haios.lock"
 PRIVATE_DIR: Final = ".haios"
 ENGINE_DIRS: Final = ("artefacts", "cost", "logs")
+_TEMP: Final = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 
 
 class OsRoot:
@@ -60,6 +62,22 @@ class OsRoot:
         if self.root.lstat(name) is None:
             return None
         return self.sub(name)
+
+    def sweep_temp_files(self) -> list[str]:
+        """Remove temp files an interrupted atomic write left behind (ours only).
+
+        Only regular files named like `SafeDir.write_atomic` temps are removed.
+        """
+        removed: list[str] = []
+        for directory in [self.root, *(self.optional_sub(n) for n in (*ENGINE_DIRS, "links"))]:
+            if directory is None:
+                continue
+            for name in directory.names():
+                info = directory.lstat(name)
+                if _TEMP.fullmatch(name) and info is not None and stat.S_ISREG(info.st_mode):
+                    directory.unlink(name)
+                    removed.append(f"{directory.label}/{name}")
+        return removed
 
     def private(self) -> SafeDir:
         """`.haios/`, created 0700 and checked to be ours."""

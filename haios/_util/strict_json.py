@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 MAX_DEPTH = 32
@@ -49,30 +50,26 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
+
+
 def check_depth(text: str, max_depth: int = MAX_DEPTH) -> None:
-    """Raise if brackets nest deeper than `max_depth` (strings are skipped)."""
+    """Raise if brackets nest deeper than `max_depth` (brackets in strings do not count)."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return  # cannot nest deeper than the number of openers
     depth = 0
-    in_string = False
-    escaped = False
-    for char in text:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif char == "\\":
-                escaped = True
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
+    for match in _BRACKET.finditer(_STRING.sub("", text)):
+        if match.group() in "[{":
             depth += 1
             if depth > max_depth:
                 raise StrictJSONError(f"nesting deeper than {max_depth}")
-        elif char in "]}":
+        else:
             depth -= 1
 
 
 def _no_surrogates(value: Any) -> None:
+    # Decoded UTF-8 holds no surrogates; only a `\\u` escape can introduce one.
     stack = [value]
     while stack:
         item = stack.pop()
@@ -120,7 +117,8 @@ def parse_strict_json(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         raise
     except (ValueError, RecursionError) as exc:
         raise StrictJSONError(f"not JSON: {str(exc).splitlines()[0][:120]}") from exc
-    _no_surrogates(value)
+    if "\\u" in text:
+        _no_surrogates(value)
     return value
 
 

@@ -21,8 +21,8 @@ from securesystemslib.exceptions import UnverifiedSignatureError, VerificationEr
 from securesystemslib.signer import Signature, SSlibKey
 
 from haios.errors import DigestError, SignatureError, ThresholdError
-from haios.load.parse import parse_model
 from haios.load.keys import TrustedRole
+from haios.load.parse import parse_model
 from haios.models.envelope import PAYLOAD_TYPE, DsseEnvelope, Statement
 
 _STANDARD_B64 = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")

@@ -22,8 +22,8 @@ from securesystemslib.exceptions import (
 from securesystemslib.signer import Signature
 
 from haios.errors import InputError, LinkError, SignatureError
-from haios.load.parse import parse_json_bytes
 from haios.load.keys import TrustedRole
+from haios.load.parse import parse_json_bytes
 from haios.verify.dsse import verify_envelope
 
 

@@ -91,9 +91,8 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path, root: SafeDir)
 
 def test_lock_is_exclusive(tmp_path: Path, root: SafeDir) -> None:
     other = SafeDir.open(tmp_path)
-    with root.exclusive_lock(".lock"), pytest.raises(BusyError):
-        with other.exclusive_lock(".lock"):
-            pass
+    with root.exclusive_lock(".lock"), pytest.raises(BusyError), other.exclusive_lock(".lock"):
+        pass
     with other.exclusive_lock(".lock"):
         pass
 
