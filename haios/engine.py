@@ -36,6 +36,7 @@ from haios.errors import (
 from haios.execute import RunContext, StepExecutor, StepGuard, StepResult, wall_clock
 from haios.history import History, check_fresh_outputs, verify_outputs
 from haios.intake import StoredArtefact, read_plan_bytes, verify_inputs, verify_plan
+from haios.journal_ingest import ingest_watchdog_journal
 from haios.load.policy import Policy
 from haios.models.common import format_rfc3339
 from haios.models.plan import ExecPlan
@@ -160,6 +161,7 @@ def _locked_run(osr: OsRoot, policy: Policy, jobs: int, services: Services,
         raise KilledError(f"kill switch {flag} is set; refusing to start")
     osr.sweep_temp_files()  # leftovers of a crash mid-write; never trusted, never kept
     history = History.open(osr, policy, bus)
+    ingest_watchdog_journal(osr, bus)  # kills done while a previous engine was dead
     signer, key_error = _load_signer(policy)
     now = wall_clock()
     # (3) Verify: plan signature over the bytes read, schema, expiry, policy,
@@ -217,7 +219,7 @@ def _execute(osr: OsRoot, policy: Policy, plan: ExecPlan, plan_sha256: str,
     keeper = StateKeeper(osr, signer, plan, plan_sha256, prior, bus, history.head)
     ledger = BudgetLedger(plan.budget, prior.cost.totals if prior else CostTotals())
     bus.publish(ev.RUN_STARTED, plan_id=plan.plan_id, plan_sha256=plan_sha256, jobs=jobs)
-    for step_id, entry in keeper.steps.items():
+    for entry in keeper.steps.values():
         if entry["status"] != "succeeded":
             entry.update(status="pending", started=None, finished=None, exit_code=None,
                          reason=None, products={})

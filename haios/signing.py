@@ -49,12 +49,13 @@ class EngineSigner:
             signer = Signer.from_priv_key_uri(uri, public_key)
             signature = signer.sign(_PROBE)
             public_key.verify_signature(signature, _PROBE)
-        except (UnverifiedSignatureError, VerificationError) as exc:
+        except (UnverifiedSignatureError, VerificationError):
             raise EngineKeyError(f"engine key ({scheme}:) does not match the policy's "
-                                 "engine public key") from exc
+                                 "engine public key") from None
         except Exception as exc:  # securesystemslib raises many types; all mean "no key"
+            # `from None`: a Vault (hv:) error can carry response bodies; keep none of it.
             raise EngineKeyError(f"engine key ({scheme}:) cannot be loaded: "
-                                 f"{type(exc).__name__}") from exc
+                                 f"{type(exc).__name__}") from None
         return cls(signer, public_key)
 
     @property

@@ -108,6 +108,17 @@ def _print(document: dict[str, Any] | None, as_json: bool, message: str | None,
         click.echo(f"haios: {message}", err=True)
 
 
+def _no_core_dumps() -> None:
+    """Keep secrets (Vault tokens, key material) out of core files and ptrace."""
+    import ctypes
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    pr_set_dumpable = 4
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
+
+
 def main() -> None:
     """Console-script entry point."""
+    _no_core_dumps()
     cli(prog_name="haios")

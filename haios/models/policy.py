@@ -92,8 +92,8 @@ class VaultScope(StrictModel):
     @field_validator("policies")
     @classmethod
     def _no_privileged_policy(cls, policies: list[str]) -> list[str]:
-        if "root" in policies:
-            raise ValueError("a scope may not grant the root policy")
+        if "root" in policies or "default" in policies:
+            raise ValueError("a scope may not grant the root or default policy")
         if len(set(policies)) != len(policies):
             raise ValueError("a Vault policy is listed twice")
         return policies

@@ -3,7 +3,8 @@
 
 Public names:
 
-- `SecretProvider`, `ScopeGrant`, `IssuedToken`: the seam (provider.py).
+- `SecretProvider`, `ScopeGrant`, `IssuedToken`, `VaultSession`: the seam
+  (provider.py).
 - `HvacProvider`, `provider_from_environment`: the hvac backend (_hvac.py),
   imported on first use so that a run without Vault scopes never loads hvac.
 - `write_token_file`, `shred_token_dir`: the step's token file (tokenfile.py).
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from haios.secrets.journal import LeftoverRevocation, revoke_leftovers
-from haios.secrets.provider import IssuedToken, ScopeGrant, SecretProvider
+from haios.secrets.provider import IssuedToken, ScopeGrant, SecretProvider, VaultSession
 from haios.secrets.tokenfile import TOKEN_FILE_NAME, shred_token_dir, write_token_file
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ __all__ = [
     "LeftoverRevocation",
     "ScopeGrant",
     "SecretProvider",
+    "VaultSession",
     "provider_from_environment",
     "revoke_leftovers",
     "shred_token_dir",
@@ -60,13 +62,13 @@ def provider_from_environment(
 
 
 def __getattr__(name: str) -> object:
-    """Load `HvacProvider` on first access (hvac and requests take ~150 ms).
+    """Load `HvacProvider` on first use (hvac and requests take ~150 ms to import).
 
     Args:
         name: the attribute asked for.
 
     Returns:
-        The `HvacProvider` class.
+        The class asked for.
 
     Raises:
         AttributeError: any other name.

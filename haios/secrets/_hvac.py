@@ -12,31 +12,45 @@ Does network I/O to Vault. Does not read the process environment itself
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
 import re
 import threading
-import urllib.parse
 from collections.abc import Callable, Collection, Mapping
-from typing import Final
+from typing import Final, NoReturn
 
 import hvac  # no stubs (pyproject: ignore_missing_imports); values are checked here
 import hvac.exceptions
 import requests
 
 from haios.errors import InternalError, VaultUnavailableError
-from haios.secrets.provider import IssuedToken, ScopeGrant, effective_ttl_seconds
+from haios.secrets._answers import (
+    TokenAuth,
+    auth_mismatch,
+    check_engine_token,
+    checked_addr,
+    json_object,
+    json_strings,
+    lifetime_mismatch,
+    parse_auth,
+    scrub,
+)
+from haios.secrets.provider import IssuedToken, ScopeGrant, VaultSession, effective_ttl_seconds
 
 #: per-request HTTP timeout; a hung Vault must not hold a step's start or end
 DEFAULT_TIMEOUT_SECONDS: Final = 10.0
 #: lifetime of the probe tokens `preflight` mints and revokes at once
 PROBE_TTL_SECONDS: Final = 10
 PROBE_STEP_ID: Final = "preflight"
+#: default lifetime of a run's session token (`open_session`)
+DEFAULT_SESSION_TTL_SECONDS: Final = 24 * 3600
 
 _CREATE_PATH: Final = "auth/token/create"
 _REVOKE_ACCESSOR_PATH: Final = "auth/token/revoke-accessor"
-_MESSAGE_LIMIT_CHARS: Final = 200
-_REDACTED: Final = "<redacted>"
+_FORBIDDEN: Final = 403
+_INVALID_REQUEST: Final = 400
+_TOKEN_HINT: Final = (
+    "VAULT_TOKEN is invalid, expired or revoked, or lacks the default policy's "
+    "lookup-self and capabilities-self"
+)
 
 #: hvac raises one class per HTTP status; the status is kept, the text scrubbed
 _STATUS_OF: Final[Mapping[type[BaseException], int]] = {
@@ -51,11 +65,6 @@ _STATUS_OF: Final[Mapping[type[BaseException], int]] = {
     hvac.exceptions.VaultDown: 503,
 }
 
-# Any word long enough to be a credential and mixing letters and digits is
-# masked in server text: a broken or hostile server (or a proxy) may echo the
-# request token in any encoding (threat T-V05, attack catalog case 83).
-_WORD: Final = re.compile(r"[A-Za-z0-9+/=_.-]{16,}")
-_MULTIERROR_PREFIX: Final = re.compile(r"^\d+ errors? occurred:\s*")
 _FALSE_WORDS: Final = frozenset({"", "0", "false", "f", "no", "n"})
 
 
@@ -82,21 +91,6 @@ class _ScrubbedVaultError(Exception):
         super().__init__(f"{original}: {reason}")
         self.status = status
         self.reason = reason
-
-
-@dataclasses.dataclass(frozen=True)
-class _Auth:
-    """The fields of a token-create response that `issue` verifies."""
-
-    token: str
-    accessor: str
-    policies: tuple[str, ...]
-    token_policies: tuple[str, ...] | None
-    lease_seconds: int
-    renewable: bool
-    token_type: str
-    orphan: bool
-    num_uses: int | None
 
 
 class HvacProvider:
@@ -138,7 +132,7 @@ class HvacProvider:
             VaultUnavailableError: the address is malformed or plaintext to a
                 remote host, the token is empty, or `verify` is False.
         """
-        self._addr = _checked_addr(addr, allow_plaintext_http=allow_plaintext_http)
+        self._addr = checked_addr(addr, allow_plaintext_http=allow_plaintext_http)
         if not token or token != token.strip():
             raise VaultUnavailableError("the engine's Vault token is empty or malformed")
         if verify is False:
@@ -148,6 +142,7 @@ class HvacProvider:
         self._token = token
         self._role = token_role
         self._timeout_seconds = timeout_seconds
+        self._tls = (verify, client_cert, namespace)
         self._lock = threading.Lock()
         # Redirects are refused: requests drops Authorization on a cross-host
         # redirect but not X-Vault-Token, so following one could hand the
@@ -227,6 +222,56 @@ class HvacProvider:
         with self._lock:
             self._client.adapter.close()
 
+    def open_session(
+        self, run_id: str, *, ttl_seconds: int = DEFAULT_SESSION_TTL_SECONDS
+    ) -> VaultSession:
+        """Create the run's own parent token and a provider that uses it.
+
+        Every step token the returned provider issues is a child of the
+        session token, itself a child of the engine token. Record
+        `session.accessor` durably *before* issuing step tokens: revoking it
+        (on resume, after a crash) revokes every step token of the run, even
+        one whose accessor was never recorded because the engine died right
+        after Vault created it (attack catalog 107, threat T-V02).
+
+        The session token has the engine token's policies (Vault copies
+        them when none are named), is non-renewable and lives `ttl_seconds`
+        at most: a run that outlasts it loses Vault access (fail closed).
+
+        Args:
+            run_id: the run's id (metadata and display name `haios-run-<id>`).
+            ttl_seconds: the session's lifetime, in seconds.
+
+        Returns:
+            The session's accessor, lifetime and provider.
+
+        Raises:
+            VaultUnavailableError: Vault refused or issued something else
+                (then revoked).
+            InternalError: an empty `run_id` or `ttl_seconds` < 1.
+
+        Side Effects:
+            Creates a token in Vault.
+        """
+        if not run_id or ttl_seconds < 1:
+            raise InternalError("a Vault session needs a run id and a TTL >= 1 second")
+        response = self._call(
+            "session token create", lambda: self._create_session(run_id, ttl_seconds)
+        )
+        auth = self._verified(response, lambda a: lifetime_mismatch(a, ttl_seconds), ttl_seconds)
+        verify, client_cert, namespace = self._tls
+        provider = HvacProvider(
+            self._addr,
+            auth.token,
+            token_role=self._role,
+            timeout_seconds=self._timeout_seconds,
+            verify=verify,
+            client_cert=client_cert,
+            namespace=namespace,
+            allow_plaintext_http=True,  # this address passed our own check already
+        )
+        return VaultSession(auth.accessor, auth.lease_seconds, provider)
+
     # -- SecretProvider --------------------------------------------------------
 
     def preflight(self, grants: Collection[ScopeGrant] = ()) -> None:
@@ -248,15 +293,32 @@ class HvacProvider:
         Side Effects:
             Calls Vault; creates and revokes one probe token per grant.
         """
-        info = _mapping(
-            self._call("lookup of the engine token (VAULT_TOKEN)", self._lookup_self),
+        info = json_object(
+            self._call("lookup of the engine token (VAULT_TOKEN)", self._lookup_self, _TOKEN_HINT),
             "lookup-self response",
         )
-        _check_engine_token(_mapping(info.get("data"), "lookup-self data"))
+        check_engine_token(json_object(info.get("data"), "lookup-self data"))
         self._check_capabilities()
         for grant in dict.fromkeys(grants):
+            self._probe(grant)
+
+    def _probe(self, grant: ScopeGrant) -> None:
+        """Issue and revoke one short-lived token for `grant`.
+
+        Raises:
+            VaultUnavailableError: either call failed; the message names the
+                scope's policies.
+
+        Side Effects:
+            Creates and revokes a token in Vault.
+        """
+        try:
             probe = self.issue(PROBE_STEP_ID, grant, ttl_seconds=PROBE_TTL_SECONDS)
             self.revoke(probe.accessor)
+        except VaultUnavailableError as exc:
+            policies = ", ".join(grant.policies)
+            msg = f"the engine cannot issue a token for the scope policies [{policies}]: {exc}"
+            raise VaultUnavailableError(msg) from exc
 
     def issue(self, step_id: str, grant: ScopeGrant, *, ttl_seconds: int) -> IssuedToken:
         """Mint a child token holding exactly the grant's policies.
@@ -289,10 +351,7 @@ class HvacProvider:
             raise InternalError("a step token needs a step id")
         ttl = effective_ttl_seconds(grant, ttl_seconds)
         response = self._call("token create", lambda: self._create(step_id, grant, ttl))
-        auth = _parse_auth(response)
-        mismatch = _auth_mismatch(auth, grant, ttl)
-        if mismatch is not None:
-            self._refuse(auth.accessor, mismatch, ttl)
+        auth = self._verified(response, lambda a: auth_mismatch(a, grant, ttl), ttl)
         return IssuedToken(auth.accessor, auth.token, auth.lease_seconds)
 
     def revoke(self, accessor: str) -> None:
@@ -339,10 +398,10 @@ class HvacProvider:
             raise InternalError("cannot look up an empty accessor")
         result = self._attempt(lambda: self._client.auth.token.lookup_accessor(accessor))
         if isinstance(result, _ScrubbedVaultError):
-            if result.status == 400:  # Vault's "invalid accessor"
+            if result.status == _INVALID_REQUEST:  # Vault's "invalid accessor"
                 return False
             raise self._error("token lookup by accessor", result) from result
-        data = _mapping(_mapping(result, "lookup-accessor response").get("data"), "data")
+        data = json_object(json_object(result, "lookup-accessor response").get("data"), "data")
         return data.get("accessor") == accessor
 
     # -- hvac calls --------------------------------------------------------------
@@ -367,6 +426,19 @@ class HvacProvider:
             num_uses=grant.num_uses,
         )
 
+    def _create_session(self, run_id: str, ttl: int) -> object:
+        """Send the session-create request: no policies named, so the engine's are copied."""
+        return self._client.auth.token.create(
+            meta={"run_id": run_id},
+            no_parent=False,
+            renewable=False,
+            ttl=f"{ttl}s",
+            explicit_max_ttl=f"{ttl}s",
+            type="service",
+            display_name=f"haios-run-{run_id}",
+            num_uses=0,
+        )
+
     def _check_capabilities(self) -> None:
         """Refuse an engine token that cannot create or revoke step tokens.
 
@@ -381,20 +453,58 @@ class HvacProvider:
         response = self._call(
             "capability check of the engine token",
             lambda: self._client.sys.get_capabilities(paths=paths),
+            _TOKEN_HINT,
         )
-        data = _mapping(_mapping(response, "capabilities response").get("data"), "data")
+        data = json_object(json_object(response, "capabilities response").get("data"), "data")
         for path, wanted in (
             (create_path, {"create", "update"}),
             (_REVOKE_ACCESSOR_PATH, {"update"}),
         ):
-            held = set(_strings(data.get(path), f"capabilities of {path}"))
+            held = set(json_strings(data.get(path), f"capabilities of {path}"))
             if "root" not in held and ("deny" in held or not wanted & held):
                 needed = " or ".join(sorted(wanted))
                 raise VaultUnavailableError(
                     f"the engine token lacks {needed} on {path}; see docs/vault.md"
                 )
 
-    def _refuse(self, accessor: str, mismatch: str, ttl: int) -> None:
+    def _verified(
+        self, response: object, mismatch_of: Callable[[TokenAuth], str | None], ttl: int
+    ) -> TokenAuth:
+        """Check a create answer against the request; refuse what differs.
+
+        Args:
+            response: hvac's answer to the create request.
+            mismatch_of: how the token differs from the request, or None.
+            ttl: the TTL asked for (for the message if revocation fails).
+
+        Returns:
+            The typed, verified fields.
+
+        Raises:
+            VaultUnavailableError: the answer is malformed or the token is
+                not the one asked for; a token that exists is revoked first.
+
+        Side Effects:
+            Revokes the token in Vault when it is refused.
+        """
+        block = json_object(
+            json_object(response, "token create response").get("auth"), "auth block"
+        )
+        try:
+            auth = parse_auth(block)
+        except VaultUnavailableError as exc:
+            accessor = block.get("accessor")
+            if not isinstance(accessor, str) or not accessor:
+                raise  # nothing to revoke by; it dies at its TTL
+            mismatch = str(exc)
+        else:
+            why = mismatch_of(auth)
+            if why is None:
+                return auth
+            accessor, mismatch = auth.accessor, why
+        self._refuse(accessor, mismatch, ttl)
+
+    def _refuse(self, accessor: str, mismatch: str, ttl: int) -> NoReturn:
         """Revoke a token that differs from the request, then refuse it.
 
         Raises:
@@ -437,19 +547,22 @@ class HvacProvider:
                 return request()
             except hvac.exceptions.VaultError as exc:
                 return _ScrubbedVaultError(
-                    _STATUS_OF.get(type(exc)), self._scrub(_server_text(exc)), type(exc).__name__
+                    _STATUS_OF.get(type(exc)),
+                    scrub(_server_text(exc), self._token),
+                    type(exc).__name__,
                 )
             except requests.exceptions.RequestException as exc:
                 return _ScrubbedVaultError(
                     None, _transport_reason(exc, self._timeout_seconds), type(exc).__name__
                 )
 
-    def _call(self, operation: str, request: Callable[[], object]) -> object:
+    def _call(self, operation: str, request: Callable[[], object], hint: str = "") -> object:
         """Run one hvac call; raise the haios error when it fails.
 
         Args:
             operation: what the call does, for the message.
             request: the hvac call.
+            hint: what to check, appended to the message of an HTTP 403.
 
         Returns:
             hvac's result.
@@ -462,156 +575,30 @@ class HvacProvider:
         """
         result = self._attempt(request)
         if isinstance(result, _ScrubbedVaultError):
-            raise self._error(operation, result) from result
+            raise self._error(operation, result, hint) from result
         return result
 
-    def _error(self, operation: str, failure: _ScrubbedVaultError) -> VaultUnavailableError:
+    def _error(
+        self, operation: str, failure: _ScrubbedVaultError, hint: str = ""
+    ) -> VaultUnavailableError:
         """The haios error for a failed call.
 
         Args:
             operation: what the call did.
             failure: the scrubbed failure.
+            hint: appended when Vault answered 403.
 
         Returns:
             The error to raise (its message carries no token).
         """
         status = "" if failure.status is None else f"HTTP {failure.status}: "
+        extra = f" ({hint})" if hint and failure.status == _FORBIDDEN else ""
         return VaultUnavailableError(
-            f"Vault {operation} failed at {self._addr}: {status}{failure.reason}"
+            f"Vault {operation} failed at {self._addr}: {status}{failure.reason}{extra}"
         )
 
-    def _scrub(self, text: str) -> str:
-        """Make server text safe to show: no token, one line, bounded.
 
-        Args:
-            text: text from a Vault response.
-
-        Returns:
-            The text without the engine token or anything token-like.
-        """
-        text = text.replace(self._token, _REDACTED)
-        text = _WORD.sub(_mask_if_secretish, text)
-        text = _MULTIERROR_PREFIX.sub("", " ".join(text.split())).replace("* ", "")
-        return text[:_MESSAGE_LIMIT_CHARS] or "no reason given"
-
-
-# -- pure helpers -------------------------------------------------------------------
-
-
-def _checked_addr(addr: str, *, allow_plaintext_http: bool) -> str:
-    """Validate Vault's address.
-
-    Args:
-        addr: the address as configured.
-        allow_plaintext_http: accept `http://` to a non-loopback host.
-
-    Returns:
-        The address without a trailing slash.
-
-    Raises:
-        VaultUnavailableError: not http(s), no host, user info or a path in
-            it, or plaintext HTTP to a non-loopback host.
-    """
-    try:
-        parts = urllib.parse.urlsplit(addr.strip())
-        host = parts.hostname
-    except ValueError as exc:
-        raise VaultUnavailableError("VAULT_ADDR is not a valid URL") from exc
-    if parts.scheme not in {"http", "https"} or not host:
-        raise VaultUnavailableError("VAULT_ADDR must be an http(s)://host:port address")
-    if parts.username or parts.password or parts.path.strip("/") or parts.query:
-        raise VaultUnavailableError("VAULT_ADDR must not carry credentials, a path or a query")
-    if parts.scheme == "http" and not allow_plaintext_http and not _is_loopback(host):
-        # The engine token would cross the network in clear (threat T-V06).
-        raise VaultUnavailableError("VAULT_ADDR uses plaintext http:// to a non-loopback host")
-    return f"{parts.scheme}://{parts.netloc}"
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether `host` names this machine's loopback interface."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_engine_token(data: Mapping[str, object]) -> None:
-    """Refuse an engine token that cannot serve a whole run.
-
-    Args:
-        data: the `data` of lookup-self (it holds the token id: never shown).
-
-    Raises:
-        VaultUnavailableError: a batch token or a use-limited token.
-    """
-    token_type = data.get("type")
-    if token_type != "service":
-        raise VaultUnavailableError(
-            f"the engine token is of type {token_type!r}; a service token is needed to "
-            "create revocable child tokens"
-        )
-    if data.get("num_uses") not in (0, None):
-        raise VaultUnavailableError("the engine token has a use limit; it would run out mid-run")
-
-
-def _parse_auth(response: object) -> _Auth:
-    """Extract and type the `auth` block of a token-create response.
-
-    Args:
-        response: hvac's parsed JSON.
-
-    Returns:
-        The typed fields.
-
-    Raises:
-        VaultUnavailableError: a field is missing or of the wrong type.
-    """
-    auth = _mapping(_mapping(response, "token create response").get("auth"), "auth block")
-    token_policies = auth.get("token_policies")
-    num_uses = auth.get("num_uses")
-    return _Auth(
-        token=_string(auth.get("client_token"), "client_token"),
-        accessor=_string(auth.get("accessor"), "accessor"),
-        policies=_strings(auth.get("policies"), "policies"),
-        token_policies=None if token_policies is None else _strings(token_policies, "policies"),
-        lease_seconds=_integer(auth.get("lease_duration"), "lease_duration"),
-        renewable=auth.get("renewable") is True,
-        token_type=_string(auth.get("token_type"), "token_type"),
-        orphan=auth.get("orphan") is True,
-        num_uses=None if num_uses is None else _integer(num_uses, "num_uses"),
-    )
-
-
-def _auth_mismatch(auth: _Auth, grant: ScopeGrant, ttl: int) -> str | None:
-    """How an issued token differs from the request, or None.
-
-    Args:
-        auth: the issued token's fields.
-        grant: what was asked for.
-        ttl: the TTL asked for.
-
-    Returns:
-        A short reason naming the first difference (no secret), or None.
-    """
-    wanted = sorted(grant.policies)
-    checks = (
-        (sorted(auth.policies) == wanted, f"policies {sorted(auth.policies)} != {wanted}"),
-        (
-            auth.token_policies is None or sorted(auth.token_policies) == wanted,
-            "token_policies differ from the scope's policies",
-        ),
-        (not auth.renewable, "token is renewable"),
-        (auth.token_type == "service", f"token type {auth.token_type!r} is not 'service'"),
-        (not auth.orphan, "token is an orphan (not a child of the engine token)"),
-        (1 <= auth.lease_seconds <= ttl, f"TTL {auth.lease_seconds}s outside 1..{ttl}s"),
-        (
-            auth.num_uses is None or auth.num_uses == grant.num_uses,
-            f"num_uses {auth.num_uses} != {grant.num_uses}",
-        ),
-    )
-    return next((why for ok, why in checks if not ok), None)
+# -- exception texts -------------------------------------------------------------------
 
 
 def _server_text(exc: BaseException) -> str:
@@ -649,39 +636,3 @@ def _transport_reason(exc: requests.exceptions.RequestException, timeout_seconds
     if isinstance(exc, requests.exceptions.ConnectionError):
         return "connection refused or reset (is Vault running?)"
     return f"request failed ({type(exc).__name__})"
-
-
-def _mask_if_secretish(match: re.Match[str]) -> str:
-    """Mask a long word that mixes letters and digits (a token's shape)."""
-    word = match.group(0)
-    if any(c.isdigit() for c in word) and any(c.isalpha() for c in word):
-        return _REDACTED
-    return word
-
-
-def _mapping(value: object, what: str) -> Mapping[str, object]:
-    """`value` as a JSON object, or a VaultUnavailableError naming `what`."""
-    if not isinstance(value, dict):
-        raise VaultUnavailableError(f"Vault returned a malformed {what}")
-    return value
-
-
-def _string(value: object, what: str) -> str:
-    """`value` as a non-empty string, or a VaultUnavailableError naming `what`."""
-    if not isinstance(value, str) or not value:
-        raise VaultUnavailableError(f"Vault returned a malformed {what}")
-    return value
-
-
-def _strings(value: object, what: str) -> tuple[str, ...]:
-    """`value` as a list of strings, or a VaultUnavailableError naming `what`."""
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise VaultUnavailableError(f"Vault returned malformed {what}")
-    return tuple(value)
-
-
-def _integer(value: object, what: str) -> int:
-    """`value` as an int (not a bool), or a VaultUnavailableError naming `what`."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise VaultUnavailableError(f"Vault returned a malformed {what}")
-    return value

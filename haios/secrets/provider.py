@@ -1,9 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The seam between the engine and the Vault/OpenBao backend: one Protocol, two value types.
+"""The seam between the engine and the Vault/OpenBao backend: a Protocol and its values.
 
 `SecretProvider` is what the engine calls to mint, revoke and check per-step
 tokens; `ScopeGrant` is what a `[vault_scopes.<name>]` entry of the policy
-grants; `IssuedToken` carries a minted token without ever showing it.
+grants; `IssuedToken` carries a minted token without ever showing it;
+`VaultSession` is a run's parent token with the provider that issues under it.
 
 This module does no I/O except `IssuedToken.write_to`, which writes to a file
 descriptor the caller opened. It does not talk to Vault (see `_hvac.py`) and
@@ -135,7 +136,7 @@ class IssuedToken:
         """
         if not accessor or not token:
             raise InternalError("an issued token needs both an accessor and a token")
-        if not token.isascii() or not token.isprintable() or token != token.strip():
+        if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
             # A newline or space would break the one-line token file contract
             # and hvac's header; refuse rather than deliver a broken token.
             raise InternalError("Vault returned a token with unexpected characters")
@@ -226,6 +227,21 @@ def _encodings(token: bytes) -> tuple[bytes, ...]:
     return tuple(sorted(forms, key=len, reverse=True))
 
 
+@dataclasses.dataclass(frozen=True)
+class VaultSession:
+    """A run's parent token: revoking `accessor` revokes all its step tokens.
+
+    Attributes:
+        accessor: the session token's accessor (record it durably).
+        ttl_seconds: the lifetime Vault granted the session token.
+        provider: issues and revokes the run's step tokens under the session.
+    """
+
+    accessor: str
+    ttl_seconds: int
+    provider: SecretProvider
+
+
 class SecretProvider(Protocol):
     """Mints, revokes and checks per-step Vault tokens. Thread-safe.
 
@@ -299,5 +315,32 @@ class SecretProvider(Protocol):
 
         Side Effects:
             Looks the accessor up in Vault.
+        """
+        ...
+
+    def open_session(self, run_id: str, *, ttl_seconds: int = ...) -> VaultSession:
+        """Create the run's parent token and a provider issuing under it.
+
+        Args:
+            run_id: the run's id (token metadata and display name).
+            ttl_seconds: the session's lifetime, in seconds.
+
+        Returns:
+            The session; record its accessor before issuing step tokens.
+
+        Raises:
+            VaultUnavailableError: Vault refused or could not be reached.
+            InternalError: an empty `run_id` or `ttl_seconds` < 1.
+
+        Side Effects:
+            Creates a child token of the engine token in Vault.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release connections; the provider is not used afterwards.
+
+        Side Effects:
+            Closes network connections.
         """
         ...
