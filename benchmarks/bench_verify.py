@@ -24,16 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from haios import events as ev  # noqa: E402
-from haios._util.safedir import SafeDir, sha256_fd  # noqa: E402
-from haios.intake import verify_inputs, verify_plan  # noqa: E402
-from haios.load.parse import parse_model  # noqa: E402
-from haios.load.policy import load_policy  # noqa: E402
-from haios.models.plan import ExecPlan  # noqa: E402
-from haios.osroot import OsRoot  # noqa: E402
-from haios.verify.dsse import verify_detached  # noqa: E402
-from haios.verify.links import verify_link  # noqa: E402
-from tests.world import World, plan, sh, step  # noqa: E402
+from haios import events as ev
+from haios._util.safedir import sha256_fd
+from haios.intake import verify_inputs, verify_plan
+from haios.load.parse import parse_model
+from haios.load.policy import load_policy
+from haios.models.plan import ExecPlan
+from haios.osroot import OsRoot
+from haios.verify.dsse import verify_detached
+from haios.verify.links import verify_link
+from tests.world import World, plan, sh, step
 
 
 def build(base: Path, inputs: int, size: int) -> tuple[World, Path]:
