@@ -60,11 +60,11 @@ def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, st
                                             environ))
     bus = ev.EventBus()
     recorder = MetricsRecorder()
-    bus.subscribe(recorder.on_event)
+    chosen = services or default_services()
+    chosen.subscribers.append(recorder.on_event)  # after the audit log (engine subscribes)
     server = recorder.serve(*metrics_addr) if metrics_addr else None
     try:
-        outcome = run_plan(os_root, policy, jobs=jobs, services=services or default_services(),
-                           bus=bus)
+        outcome = run_plan(os_root, policy, jobs=jobs, services=chosen, bus=bus)
         _write_metrics(os_root, recorder)
         return outcome.exit_code, outcome.state, outcome.message
     except BusyError:

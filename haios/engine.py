@@ -153,15 +153,18 @@ def _locked_run(osr: OsRoot, policy: Policy, jobs: int, services: Services,
                 bus: ev.EventBus) -> RunOutcome:
     from haios.watchdog.flags import global_flag_present
 
-    # (2) A global kill flag refuses the start (exit 4), before anything else is read.
+    osr.sweep_temp_files()  # leftovers of a crash mid-write; never trusted, never kept
+    # The audit log subscribes first: a decision is durable before anything else sees it.
+    history = History.open(osr, policy, bus)
+    for subscriber in services.subscribers:
+        bus.subscribe(subscriber)
+    ingest_watchdog_journal(osr, bus)  # kills done while a previous engine was dead
+    # (2) A global kill flag refuses the start (exit 4), before any input is read.
     flag = global_flag_present(osr.path / "control",
                                [Path(p) for p in policy.file.kill_switch.extra_paths])
     if flag is not None:
-        bus.publish(ev.KILL_SWITCH, engaged=True, flag=flag)
+        bus.publish(ev.KILL_SWITCH, engaged=True, flag=Path(flag).name, scope="global")
         raise KilledError(f"kill switch {flag} is set; refusing to start")
-    osr.sweep_temp_files()  # leftovers of a crash mid-write; never trusted, never kept
-    history = History.open(osr, policy, bus)
-    ingest_watchdog_journal(osr, bus)  # kills done while a previous engine was dead
     signer, key_error = _load_signer(policy)
     now = wall_clock()
     # (3) Verify: plan signature over the bytes read, schema, expiry, policy,

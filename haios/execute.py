@@ -196,6 +196,8 @@ class StepExecutor:
         if secret_root.lstat(step.id) is not None:
             shutil.rmtree(step.id, dir_fd=secret_root.fd)
         logs_dir = self._dirs("logs")
+        for stream in ("out", "err"):
+            logs_dir.unlink(f"{step.id}.{stream}")  # a previous attempt's capture
         try:
             self._copy_materials(step, work)
             grant = ctx.guard.before(step, uid, gid, str(ctx.osr.path / ".haios/secret" / step.id))

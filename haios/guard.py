@@ -42,7 +42,8 @@ def preflight(policy: Policy, plan: ExecPlan, environ: Mapping[str, str] | None 
 
     from haios.sandbox.preflight import check_sandbox_prerequisites
 
-    check_sandbox_prerequisites([policy.profiles[s.profile] for s in plan.steps])
+    names = sorted({step.profile for step in plan.steps})
+    check_sandbox_prerequisites([policy.profiles[name] for name in names])
     scopes = sorted({s.vault_scope for s in plan.steps if s.vault_scope})
     if scopes:
         from haios.secrets import provider_from_environment

@@ -194,6 +194,7 @@ def verify_outputs(osr: OsRoot, policy: Policy, plan: ExecPlan, prior: RunState,
     engine = TrustedRole("engine", (policy.engine_key,), 1)
     depth = policy.file.limits.json_max_depth
     known: dict[str, StoredArtefact] = {}
+    osr.root.check_replaceable(METRICS_FILE)  # never write metrics through a planted link
     try:
         registry = read_signed(osr.root, REGISTRY_FILE, RegistryMap, policy.engine_key)
         artefacts = osr.optional_sub("artefacts")

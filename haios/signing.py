@@ -99,8 +99,8 @@ class EngineSigner:
     ) -> bytes:
         """A classic in-toto link for one executed step, signed by the engine.
 
-        `environment` and `byproducts` must hold no floats (in-toto's
-        canonical JSON refuses them).
+        Floats in `environment` and `byproducts` become integers when whole,
+        decimal strings otherwise (in-toto's canonical JSON refuses floats).
         """
         from in_toto.models.link import Link  # lazy: in-toto's cost is its imports
         from in_toto.models.metadata import Metablock
@@ -110,9 +110,20 @@ class EngineSigner:
             command=list(command),
             materials={name: {"sha256": digest} for name, digest in materials.items()},
             products={name: {"sha256": digest} for name, digest in products.items()},
-            byproducts=dict(byproducts),
-            environment=dict(environment),
+            byproducts=_canonical_safe(dict(byproducts)),
+            environment=_canonical_safe(dict(environment)),
         )
         metablock = Metablock(signed=link)
         metablock.create_signature(self._signer)
         return (json.dumps(metablock.to_dict(), sort_keys=True, indent=1) + "\n").encode()
+
+
+def _canonical_safe(value: Any) -> Any:
+    """`value` with every float made encodable by OLPC canonical JSON."""
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else repr(value)
+    if isinstance(value, dict):
+        return {key: _canonical_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canonical_safe(item) for item in value]
+    return value

@@ -43,7 +43,7 @@ def test_happy_path_outputs_verify(world: World) -> None:
     assert result.code == 0, result.stderr
     state = result.json()
     assert state["status"] == "succeeded"
-    assert (root / "artefacts" / "report.txt").read_bytes() == b"rows=2\n"
+    assert (root / "artefacts" / "report.txt").read_bytes() == b"rows=1\n"
     assert state["cost"]["totals"]["usd"] == 0.25 and state["cost"]["totals"]["tokens"] == 10
     assert read_json(root / "cost" / "report.json")["reported"] == {"usd": 0.25, "tokens": 10}
     assert world.state(root, "--json").json() == read_json(root / "state.json")
@@ -94,7 +94,7 @@ def test_link_records_confinement(world: World) -> None:
     confinement = json.dumps(link["signed"]["environment"]["haios_confinement"])
     profile = (world.policy / "profiles" / "default.toml").read_bytes()
     assert hashlib.sha256(profile).hexdigest() in confinement
-    assert '"network": false' in confinement
+    assert '"network": "none"' in confinement
 
 
 def test_idempotent_rerun_runs_nothing(world: World) -> None:
