@@ -169,9 +169,27 @@ class RunGuard:
         self.request.bus.publish(ev.VAULT_TOKEN_REVOKED, step_id=step_id, accessor=accessor)
 
     def was_killed(self, step_id: str) -> str | None:
-        """The flag that killed `step_id`, if the watchdog reported one."""
+        """The flag that killed `step_id`, if one did.
+
+        The watchdog's report can reach us a moment after the runner saw the
+        tree die, so a latched engagement or a flag still present counts too.
+        """
+        from haios.watchdog.flags import global_flag_present, step_flag_present
+
         with self._lock:
-            return self.kills.get(step_id) or self.kills.get("*")
+            reported = self.kills.get(step_id) or self.kills.get("*")
+        if reported is not None:
+            return reported
+        if self.watchdog is not None:
+            for engagement in self.watchdog.engagements():
+                if engagement.scope == "global" or engagement.step_id == step_id:
+                    return _flag_name(engagement.flag)
+        control = self.request.osr.path / "control"
+        extra = [Path(p) for p in self.request.policy.file.kill_switch.extra_paths]
+        flag = global_flag_present(control, extra)
+        if flag is not None:
+            return _flag_name(flag)
+        return f"KILL.{step_id}" if step_flag_present(control, step_id) else None
 
     def revoke_leftovers(self, accessors: tuple[str, ...]) -> None:
         """Revoke tokens a previous (crashed) run recorded as not yet revoked."""
