@@ -434,7 +434,7 @@ def _reject_constant(name: str) -> NoReturn:
 def _is_record_time(text: str) -> bool:
     """True when `text` is exactly the format `format_time` writes."""
     try:
-        dt.datetime.strptime(text, _TIME_FORMAT)  # noqa: DTZ007 - the Z is in the format
+        dt.datetime.strptime(text, _TIME_FORMAT).replace(tzinfo=dt.UTC)
     except ValueError:
         return False
     return True

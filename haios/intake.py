@@ -29,7 +29,6 @@ from haios.osroot import PLAN_FILE, PLAN_SIG, OsRoot
 from haios.verify.dsse import verify_detached
 from haios.verify.links import collect_vouched, require_vouched
 
-
 HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 

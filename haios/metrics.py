@@ -33,6 +33,7 @@ import re
 import secrets
 import socket
 import stat
+import sys
 import threading
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -135,6 +136,8 @@ KILL_LATENCY_BUCKETS: Final = (
 # A scrape client gets this long per read before its connection is dropped:
 # idle or slow clients must not pin server threads (attack catalog 120).
 SCRAPE_TIMEOUT_SECONDS: Final = 5.0
+#: Clients served at once; more are disconnected on arrival.
+SCRAPE_CLIENTS_MAX: Final = 32
 _CLOSE_JOIN_SECONDS: Final = 5.0
 _PORT_RE: Final = re.compile(r"[1-9][0-9]{0,4}")
 _PORT_MAX: Final = 65535
@@ -246,7 +249,7 @@ def _preinitialise(families: _Families, version: str) -> None:
 class MetricsServer:
     """A running `/metrics` endpoint; `close()` stops it."""
 
-    def __init__(self, httpd: ThreadingWSGIServer, thread: threading.Thread) -> None:
+    def __init__(self, httpd: _MetricsHTTPServer, thread: threading.Thread) -> None:
         """Wrap a serving server and its thread; use `MetricsRecorder.serve`.
 
         Args:
@@ -278,8 +281,49 @@ class _QuietHandler(WSGIRequestHandler):
 
     timeout = SCRAPE_TIMEOUT_SECONDS
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
+    def log_message(self, *_args: object) -> None:
         """Log nothing per request: a scrape every few seconds is noise."""
+
+
+# What socketserver hands a TCP server's request methods.
+_Request = socket.socket | tuple[bytes, socket.socket]
+
+
+class _MetricsHTTPServer(ThreadingWSGIServer):
+    """prometheus_client's threading server, with a bound on concurrent clients.
+
+    Each client gets a thread; past `SCRAPE_CLIENTS_MAX` at once, new
+    connections are closed at once, so a flood of slow clients costs at most
+    that many sleeping threads and never the engine's progress.
+    """
+
+    client_slots: threading.BoundedSemaphore
+
+    def process_request(self, request: _Request, client_address: object) -> None:
+        """Serve the client in a thread if a slot is free, else hang up."""
+        if not self.client_slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.client_slots.release()
+            raise
+
+    def process_request_thread(self, request: _Request, client_address: object) -> None:
+        """Serve one client, then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.client_slots.release()
+
+    def handle_error(self, _request: _Request, client_address: object) -> None:
+        """Log a failed request quietly: a client timing out is routine, not news.
+
+        The base class prints a traceback to stderr, where the engine's
+        diagnostics go; an idle or malicious client must not flood it.
+        """
+        _log.debug("metrics client %s dropped: %s", client_address, sys.exc_info()[1])
 
 
 class MetricsRecorder:
@@ -355,15 +399,15 @@ class MetricsRecorder:
 
         Side Effects:
             Binds a listening socket and starts a daemon thread serving it;
-            each client gets its own thread, dropped after
-            `SCRAPE_TIMEOUT_SECONDS` of silence.
+            each client gets its own thread (at most `SCRAPE_CLIENTS_MAX` at
+            once), dropped after `SCRAPE_TIMEOUT_SECONDS` of silence.
         """
         try:
             family, _, _, _, sockaddr = socket.getaddrinfo(
                 host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )[0]
 
-            class _Server(ThreadingWSGIServer):
+            class _Server(_MetricsHTTPServer):
                 """The server for this address's family (IPv4 or IPv6)."""
 
                 address_family = family
@@ -378,6 +422,7 @@ class MetricsRecorder:
         except OSError as e:
             msg = f"cannot serve metrics on {host}:{port}: {e.strerror or type(e).__name__}"
             raise EnvironmentUnavailableError(msg) from e
+        httpd.client_slots = threading.BoundedSemaphore(SCRAPE_CLIENTS_MAX)
         thread = threading.Thread(target=httpd.serve_forever, name="haios-metrics", daemon=True)
         thread.start()
         return MetricsServer(httpd, thread)
@@ -424,15 +469,15 @@ class MetricsRecorder:
     def _on_step_finished(self, fields: Mapping[str, Any]) -> None:
         """Count the outcome, observe the duration, mark the step not running."""
         outcome = _enumerated(fields, "status", STEP_OUTCOMES)
-        wall_seconds = fields.get("wall_seconds")
-        duration = None if wall_seconds is None else _non_negative(fields, "wall_seconds")
+        measured = fields.get("wall_seconds") is not None
+        duration = _non_negative(fields, "wall_seconds") if measured else 0.0
         with self._lock:
             # The step id is only a set key here, never a label.
             self._running.discard(str(fields.get("step_id")))
             self._families.steps_running.set(len(self._running))
             profile = self._profile_label(fields.get("profile"))
         self._families.steps.labels(outcome=outcome).inc()
-        if duration is not None:
+        if measured:
             self._families.step_duration.labels(profile=profile).observe(duration)
 
     def _on_sandbox_violation(self, fields: Mapping[str, Any]) -> None:
@@ -442,6 +487,7 @@ class MetricsRecorder:
 
     def _on_cost_recorded(self, fields: Mapping[str, Any]) -> None:
         """Add each unit the cost record carries."""
+        # Check every unit before counting any: a bad record changes nothing.
         amounts = {unit: _non_negative(fields, unit) for unit in COST_UNITS if unit in fields}
         for unit, amount in amounts.items():
             self._families.cost.labels(unit=unit).inc(amount)
