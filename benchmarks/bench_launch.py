@@ -1,0 +1,275 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Launch overhead per step: the haios sandbox vs plain and peer tools, in one run.
+
+Each launcher runs ``/bin/true`` `--count` times (default 200), interleaved in
+rounds so that background noise hits every tool alike:
+
+- subprocess: ``subprocess.run(["/bin/true"])``, no confinement (the floor);
+- haios-direct: `NamespaceRunner()` forking from this (engine) process;
+- haios-launcher: `NamespaceRunner(launcher=Launcher.start())`, forking from
+  the small pre-started launcher process;
+- bwrap: ``bwrap --unshare-all --die-with-parent --ro-bind / / true``;
+- firejail: ``firejail --noprofile --quiet true``;
+- in-toto-run: ``in-toto-run -n bench --signing-key KEY -d DIR -- /bin/true``
+  with a throw-away Ed25519 key (only `--count-slow` launches: it takes
+  hundreds of milliseconds each).
+
+The haios runs use the full `default` profile (PID, mount, IPC, UTS, cgroup
+and network namespaces, view + pivot_root, uid drop, no capabilities,
+no_new_privs, rlimits, two seccomp filters). They are measured twice: with
+this process at its natural size (~40 MiB) and after it grows to ~500 MiB
+resident, which is where forking from the engine gets expensive and the
+launcher does not. Tools that are not installed are skipped with a reason.
+
+Run as root from the repository root:
+
+    python -m benchmarks.bench_launch [--count 200] [--count-slow 10] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+# Started before the heavy imports below, as the engine would do it.
+from haios.sandbox.launcher import Launcher
+
+LAUNCHER = Launcher.start()
+
+from haios.sandbox.profile import load_profile  # noqa: E402
+from haios.sandbox.runner import NamespaceRunner  # noqa: E402
+from haios.sandbox.spec import StepSpec  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+ROUNDS = 4
+BIG_RSS_BYTES = 460 * 1024 * 1024
+UID = 190_001
+
+Launch = Callable[[], object]
+
+
+def rss_mib() -> float:
+    """This process's resident set size in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class HaiosLaunches:
+    """Specs for repeated /bin/true steps under the default profile."""
+
+    def __init__(self, scratch: Path) -> None:
+        self.profile = load_profile(REPO / "policy", "default")
+        self.scratch = scratch
+        self.workspace = scratch / "work"
+        self.cost = scratch / "cost"
+        for path in (self.workspace, self.cost):
+            path.mkdir()
+            os.chown(path, UID, UID)
+        self.counter = 0
+
+    def spec(self) -> StepSpec:
+        """A fresh spec (new output files) for one launch."""
+        self.counter += 1
+        return StepSpec(
+            plan_id="bench",
+            step_id="true",
+            argv=("/bin/true",),
+            env={"PATH": "/usr/bin:/bin", "HOME": "/haios/work"},
+            workspace=self.workspace,
+            cost_dir=self.cost,
+            secret_dir=None,
+            profile=self.profile,
+            uid=UID,
+            gid=UID,
+            timeout_seconds=30.0,
+            cpu_seconds_limit=None,
+            stdout_path=self.scratch / f"out.{self.counter}",
+            stderr_path=self.scratch / f"err.{self.counter}",
+            output_limit_bytes=4096,
+            cgroup=None,
+        )
+
+    def runner(self, runner: NamespaceRunner) -> Launch:
+        """A launch function that checks the step really ran."""
+
+        def launch() -> object:
+            spec = self.spec()
+            outcome = runner.run(spec)
+            if outcome.exit_code != 0:
+                raise RuntimeError(f"sandboxed /bin/true failed: {outcome}")
+            spec.stdout_path.unlink()
+            spec.stderr_path.unlink()
+            return outcome
+
+        return launch
+
+
+def command(argv: list[str]) -> Launch:
+    """A launch function running `argv` and checking its exit status."""
+
+    def launch() -> object:
+        return subprocess.run(
+            argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    return launch
+
+
+@contextlib.contextmanager
+def in_toto_command(scratch: Path) -> Iterator[list[str] | None]:
+    """in-toto-run with a throw-away Ed25519 key, or None with a reason printed."""
+    tool = shutil.which("in-toto-run")
+    if tool is None:
+        print("skip in-toto-run: not installed (pip install in-toto)", file=sys.stderr)
+        yield None
+        return
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = scratch / "bench.key"
+    key.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    links = scratch / "links"
+    links.mkdir()
+    yield [
+        tool,
+        "-n",
+        "bench",
+        "--signing-key",
+        str(key),
+        "-d",
+        str(links),
+        "-q",
+        "--",
+        "/bin/true",
+    ]
+
+
+def measure(launches: dict[str, Launch], counts: dict[str, int]) -> dict[str, list[float]]:
+    """Per-launch wall times, interleaving the tools over `ROUNDS` rounds."""
+    times: dict[str, list[float]] = {name: [] for name in launches}
+    for name, launch in launches.items():
+        launch()  # warm-up: caches, first compilation
+        del name
+    for _ in range(ROUNDS):
+        for name, launch in launches.items():
+            for _ in range(max(1, counts.get(name, 0) // ROUNDS)):
+                started = time.perf_counter()
+                launch()
+                times[name].append(time.perf_counter() - started)
+    return times
+
+
+def report(title: str, times: dict[str, list[float]]) -> list[dict[str, object]]:
+    """Print ms per launch (mean, median) and ratios; return the rows."""
+    means = {name: statistics.mean(values) * 1000 for name, values in times.items()}
+    base = means.get("subprocess")
+    bwrap = means.get("bwrap")
+    print(f"\n{title}")
+    header = ("launcher", "n", "mean ms", "median ms", "x subprocess", "x bwrap")
+    print("{:<16} {:>5} {:>9} {:>10} {:>13} {:>8}".format(*header))
+    rows: list[dict[str, object]] = []
+    for name, values in times.items():
+        mean = means[name]
+        median = statistics.median(values) * 1000
+        vs_base = mean / base if base else float("nan")
+        vs_bwrap = mean / bwrap if bwrap else float("nan")
+        cells = (name, len(values), mean, median, vs_base, vs_bwrap)
+        print("{:<16} {:>5} {:>9.2f} {:>10.2f} {:>13.2f} {:>8.2f}".format(*cells))
+        rows.append({"launcher": name, "n": len(values), "mean_ms": mean, "median_ms": median})
+    return rows
+
+
+def main() -> None:
+    """Run the benchmark and print the table(s).
+
+    Side Effects:
+        Forks thousands of short processes; creates and removes a scratch dir.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=200, help="launches per tool (default 200)")
+    parser.add_argument(
+        "--count-slow", type=int, default=10, help="launches of in-toto-run (default 10)"
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON document at the end")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: the sandbox needs it")
+    scratch = Path(tempfile.mkdtemp(prefix="haios-bench-launch-"))
+    results: dict[str, object] = {}
+    try:
+        haios = HaiosLaunches(scratch)
+        launches: dict[str, Launch] = {
+            "subprocess": command(["/bin/true"]),
+            "haios-direct": haios.runner(NamespaceRunner()),
+            "haios-launcher": haios.runner(NamespaceRunner(launcher=LAUNCHER)),
+        }
+        counts = dict.fromkeys(launches, args.count)
+        for tool, argv in (
+            (
+                "bwrap",
+                ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "true"],
+            ),
+            ("firejail", ["firejail", "--noprofile", "--quiet", "true"]),
+        ):
+            if shutil.which(argv[0]) is None:
+                package = "bubblewrap" if tool == "bwrap" else tool
+                print(f"skip {tool}: not installed (apt-get install {package})", file=sys.stderr)
+                continue
+            launches[tool] = command(argv)
+            counts[tool] = args.count
+        with in_toto_command(scratch) as in_toto:
+            if in_toto is not None:
+                launches["in-toto-run"] = command(in_toto)
+                counts["in-toto-run"] = args.count_slow
+            small = rss_mib()
+            results["small"] = {
+                "rss_mib": small,
+                "rows": report(
+                    f"engine RSS {small:.0f} MiB, {args.count} launches of /bin/true",
+                    measure(launches, counts),
+                ),
+            }
+            ballast = bytearray(BIG_RSS_BYTES)
+            for offset in range(0, len(ballast), 4096):
+                ballast[offset] = 1
+            big = rss_mib()
+            haios_only = {
+                name: launches[name] for name in ("subprocess", "haios-direct", "haios-launcher")
+            }
+            if "bwrap" in launches:
+                haios_only["bwrap"] = launches["bwrap"]
+            results["big"] = {
+                "rss_mib": big,
+                "rows": report(
+                    f"engine RSS {big:.0f} MiB (ballast), same launches",
+                    measure(haios_only, counts),
+                ),
+            }
+            del ballast
+    finally:
+        LAUNCHER.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    if args.json:
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

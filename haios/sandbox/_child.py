@@ -1,0 +1,284 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The sandbox child: the step's namespace init, confining itself stage by stage.
+
+The parent forks this code as PID 1 of a fresh PID namespace (`_spawn.py`).
+It confines *itself* completely, in the order below, and only then starts
+the step with posix_spawn(3) (vfork + execve: no second Python fork), so the
+step inherits every restriction and the init stays behind as the
+namespace's reaper. Any failure writes "<stage>: <reason>" to the
+close-on-exec report pipe and exits before the step exists; the parent then
+raises `SandboxSetupError`. There is no "continue anyway" path.
+
+  1  parent-death signal, then check the parent still holds the report pipe:
+     if the engine dies, the init dies and the kernel kills the namespace.
+  2  reset every signal disposition to default and empty the mask: an
+     inherited SIG_IGN survives execve (Python ignores SIGPIPE and SIGXFSZ),
+     and an init without handlers ignores signals sent from inside its
+     namespace, which protects it from the step.
+  3  setsid: new session, no controlling terminal (TIOCSTI has no target, no
+     job-control signals from the engine's terminal).
+  4  move the four pipes above 100 and close every other inherited
+     descriptor, before any other stage can touch one (T-S08).
+  5  join the step's cgroup while still root and in the host cgroup
+     namespace, so every process of the step is accounted and killable.
+  6  unshare mount, IPC, UTS, cgroup (and network unless the profile shares
+     the host's) namespaces; after 5, so the cgroup namespace is rooted at
+     the step's cgroup.
+  7  hostname of the private UTS namespace (no host name leaks).
+  8  filesystem view and pivot_root (needs root, so before 13; /proc is
+     mounted here because this process is in the new PID namespace).
+  9  stdio: /dev/null of the view on 0, the output pipes on 1 and 2 (the
+     step inherits them).
+  10 working directory = the workspace (HOME), umask 022.
+  11 resource limits, while still root and before the uid change, so the
+     kernel checks RLIMIT_NPROC at setresuid against the step's limit.
+  12 empty the capability bounding and ambient sets (needs CAP_SETPCAP,
+     lost with the uid change).
+  13 setgroups([]), setresgid, setresuid: groups and gid first, they need
+     CAP_SETGID which the uid change removes.
+  14 clear the inheritable capabilities (the uid change does not) and read
+     uid, gid, groups and capabilities back; make the init non-dumpable so
+     the step, same uid, cannot ptrace it or read its memory; re-arm the
+     parent-death signal, which the uid change cleared.
+  15 no_new_privs: execve can never add privileges (setuid bits, file
+     capabilities); also what lets an unprivileged process load filters.
+  16 seccomp last: the floor filter, then the profile filter. Everything
+     after it (posix_spawn, wait4, write, exit) is allowed by every profile
+     (the lint requires it).
+  17 posix_spawn the step with exactly the engine's environment; an execve
+     failure comes back as its return value and is reported.
+  18 drop the init's copies of the step's pipes, close the report pipe (EOF
+     tells the parent the step runs), reap every process that ends up in the
+     namespace; when the step exits, write its wait status and exit: the
+     kernel then kills whatever is left in the namespace.
+
+Imported in the engine and in the launcher; does I/O only when run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import gc
+import os
+import select
+import signal
+import struct
+from collections.abc import Callable
+from typing import Final, NoReturn
+
+from haios.sandbox import _libc, fds, mounts, privs, rlimits
+from haios.sandbox._launchplan import LaunchPlan
+from haios.sandbox.spec import VIEW_WORKSPACE
+
+#: exit status of an init that failed before the step started
+EXIT_SETUP_FAILED: Final = 125
+#: descriptors are moved at or above this number (stage 4)
+FD_FLOOR: Final = 100
+REPORT_MAX_BYTES: Final = 1024
+STATUS_FORMAT: Final = "<i"
+
+Stage = tuple[str, Callable[[], None]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildFds:
+    """The pipe ends the child writes to.
+
+    Attributes:
+        stdout_w: the step's stdout (drained by the parent).
+        stderr_w: the step's stderr (drained by the parent).
+        report_w: close-on-exec pipe for a setup failure reason; EOF
+            without data means the step started.
+        status_w: the init writes the step's wait status here.
+    """
+
+    stdout_w: int
+    stderr_w: int
+    report_w: int
+    status_w: int
+
+
+def _report(fd: int, stage: str, exc: BaseException) -> None:
+    message = f"{stage}: {exc}".encode(errors="replace")[:REPORT_MAX_BYTES]
+    try:
+        os.write(fd, message)
+    except OSError:
+        # The parent is gone; exiting is all that is left to do.
+        return
+
+
+class _Init:
+    """The init's state between stages; one method per stage."""
+
+    def __init__(self, plan: LaunchPlan, pipes: ChildFds) -> None:
+        self.plan = plan
+        self.pipes = pipes
+        self.null_fd = -1
+        self.programs: tuple[tuple[_libc.SockFprog, object], ...] = ()
+        self.request: _libc.SpawnRequest | None = None
+
+    def parent_death_signal(self) -> None:
+        _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        # getppid() is 0 across the PID namespace boundary, so look at the
+        # report pipe instead: its read end closes when the parent dies.
+        # (In launcher mode the engine holds the read end: the launcher's
+        # death is then caught by the signal alone.)
+        poller = select.poll()
+        poller.register(self.pipes.report_w, select.POLLOUT)
+        for _fd, events in poller.poll(0):
+            if events & (select.POLLERR | select.POLLHUP):
+                os._exit(EXIT_SETUP_FAILED)
+
+    def new_session(self) -> None:
+        os.setsid()
+
+    def close_inherited(self) -> None:
+        moved = [
+            fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, FD_FLOOR + index)
+            for index, fd in enumerate(dataclasses.astuple(self.pipes))
+        ]
+        self.pipes = ChildFds(*moved)
+        fds.close_fds_except(tuple(moved))
+
+    def join_cgroup(self) -> None:
+        if not self.plan.cgroup:
+            return
+        fd = os.open(os.path.join(self.plan.cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+
+    def unshare_namespaces(self) -> None:
+        _libc.unshare(self.plan.namespaces)
+
+    def set_hostname(self) -> None:
+        _libc.sethostname(self.plan.hostname)
+
+    def build_view(self) -> None:
+        mounts.apply_view(self.plan.view)
+
+    def stdio(self) -> None:
+        self.null_fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        os.dup2(self.null_fd, 0)
+        os.dup2(self.pipes.stdout_w, 1)
+        os.dup2(self.pipes.stderr_w, 2)
+
+    def workdir(self) -> None:
+        os.chdir(VIEW_WORKSPACE)
+        os.umask(self.plan.umask)
+
+    def limits(self) -> None:
+        rlimits.apply_rlimits(self.plan.rlimits)
+
+    def capability_sets(self) -> None:
+        privs.drop_capability_sets(self.plan.cap_last_cap)
+
+    def identity(self) -> None:
+        privs.apply_identity(self.plan.uid, self.plan.gid)
+
+    def capabilities(self) -> None:
+        privs.clear_capabilities()
+        privs.verify_dropped(self.plan.uid, self.plan.gid)
+        _libc.prctl(_libc.PR_SET_DUMPABLE, 0)
+        # The uid change cleared the parent-death signal: arm it again, then
+        # re-check the parent in case it died in between.
+        self.parent_death_signal()
+
+    def no_new_privs(self) -> None:
+        privs.apply_no_new_privs()
+
+    def seccomp(self) -> None:
+        # Prepared before loading: after the profile filter only the calls
+        # every profile allows may happen. Floor first, since the profile
+        # filter need not allow seccomp(2).
+        self.programs = tuple(_libc.make_fprog(bpf) for bpf in self.plan.seccomp)
+        self.request = _libc.SpawnRequest(
+            self.plan.argv[0], list(self.plan.argv), list(self.plan.env)
+        )
+        for program, _buffer in self.programs:
+            _libc.seccomp_set_filter(program)
+
+    def start_step(self) -> int:
+        if self.request is None:
+            raise OSError(22, "the step was not prepared")
+        return self.request.spawn()
+
+    def release_step_fds(self) -> None:
+        # The step holds its own copies; the init keeps none of its output.
+        os.dup2(self.null_fd, 1)
+        os.dup2(self.null_fd, 2)
+        for fd in (self.pipes.stdout_w, self.pipes.stderr_w, self.null_fd, self.pipes.report_w):
+            os.close(fd)
+
+    def reap(self, step_pid: int) -> NoReturn:
+        while True:
+            pid, status = os.waitpid(-1, 0)
+            if pid == step_pid:
+                break
+        os.write(self.pipes.status_w, struct.pack(STATUS_FORMAT, status))
+        os._exit(0)
+
+
+def _run_stages(stages: list[Stage], report_fd: Callable[[], int]) -> None:
+    for name, action in stages:
+        try:
+            action()
+        except OSError as exc:
+            _report(report_fd(), name, exc)
+            os._exit(EXIT_SETUP_FAILED)
+
+
+def _stages(init: _Init) -> list[Stage]:
+    return [
+        ("1 parent-death signal", init.parent_death_signal),
+        ("2 reset signals", fds.reset_signals),
+        ("3 new session", init.new_session),
+        ("4 close inherited descriptors", init.close_inherited),
+        ("5 join cgroup", init.join_cgroup),
+        ("6 unshare namespaces", init.unshare_namespaces),
+        ("7 hostname", init.set_hostname),
+        ("8 filesystem view", init.build_view),
+        ("9 stdio", init.stdio),
+        ("10 working directory", init.workdir),
+        ("11 resource limits", init.limits),
+        ("12 capability bounding/ambient sets", init.capability_sets),
+        ("13 groups, gid, uid", init.identity),
+        ("14 clear capabilities", init.capabilities),
+        ("15 no_new_privs", init.no_new_privs),
+        ("16 seccomp", init.seccomp),
+    ]
+
+
+def run_init(plan: LaunchPlan, pipes: ChildFds) -> NoReturn:
+    """Be the namespace init of one step; never returns.
+
+    Args:
+        plan: what to run and how to confine it.
+        pipes: the pipe ends this process writes to.
+
+    Side Effects:
+        Everything in the module docstring; ends with os._exit.
+    """
+    init = _Init(plan, pipes)
+    try:
+        # No collection in the child: it would touch (and copy) every page.
+        gc.disable()
+        _run_stages(_stages(init), lambda: init.pipes.report_w)
+        if plan.dry_run:
+            # Fully confined, nothing executed: report a clean exit.
+            os.write(init.pipes.status_w, struct.pack(STATUS_FORMAT, 0))
+            os._exit(0)
+        try:
+            step_pid = init.start_step()
+        except OSError as exc:
+            _report(init.pipes.report_w, "17 start step (execve)", exc)
+            os._exit(EXIT_SETUP_FAILED)
+        init.release_step_fds()
+        init.reap(step_pid)
+    except BaseException as exc:
+        # Deliberately broad: a forked child must never unwind into the
+        # engine's stack (or run its atexit handlers); report and exit.
+        _report(init.pipes.report_w, "internal", exc)
+    os._exit(EXIT_SETUP_FAILED)

@@ -1,0 +1,88 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The launch plan: plain values the sandbox child executes, and their wire form.
+
+A `LaunchPlan` is built by the engine (`_plan.build_plan`) and either used
+directly by a forked child or sent as JSON to the launcher process over a
+private socket (`to_wire` / `from_wire`). This module is imported by the
+launcher, so it stays free of heavy dependencies. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+from typing import Any
+
+from haios.sandbox import mounts
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """One step's launch, as plain values.
+
+    Attributes:
+        step_id: for messages.
+        argv: execve's argv; argv[0] is the program path.
+        env: execve's environment, ``NAME=value``.
+        uid: the step's uid.
+        gid: the step's gid.
+        namespaces: unshare(2) flags for the init (PID excluded).
+        hostname: the UTS namespace's hostname.
+        cgroup: cgroup v2 directory to join, or "".
+        view: the filesystem view.
+        rlimits: (resource, soft, hard) triples.
+        cap_last_cap: highest capability number of the running kernel.
+        seccomp: BPF programs, in load order (floor, profile).
+        umask: the step's umask.
+        dry_run: stop right before execve and exit 0 (preflight).
+    """
+
+    step_id: str
+    argv: tuple[str, ...]
+    env: tuple[str, ...]
+    uid: int
+    gid: int
+    namespaces: int
+    hostname: str
+    cgroup: str
+    view: mounts.ViewPlan
+    rlimits: tuple[tuple[int, int, int], ...]
+    cap_last_cap: int
+    seccomp: tuple[bytes, ...]
+    umask: int
+    dry_run: bool
+
+
+def to_wire(plan: LaunchPlan) -> dict[str, Any]:
+    """A JSON-compatible form of `plan` (bytes as base64)."""
+    data = dataclasses.asdict(plan)
+    data["seccomp"] = [base64.b64encode(program).decode("ascii") for program in plan.seccomp]
+    return data
+
+
+def from_wire(data: dict[str, Any]) -> LaunchPlan:
+    """Rebuild a plan from `to_wire` output (sent by the engine over a private socket).
+
+    Raises:
+        KeyError: a field is missing.
+        TypeError: a field has the wrong shape.
+        ValueError: base64 does not decode.
+    """
+    view = dict(data["view"])
+    view["entries"] = tuple(mounts.ViewEntry(**entry) for entry in view["entries"])
+    return LaunchPlan(
+        step_id=str(data["step_id"]),
+        argv=tuple(data["argv"]),
+        env=tuple(data["env"]),
+        uid=int(data["uid"]),
+        gid=int(data["gid"]),
+        namespaces=int(data["namespaces"]),
+        hostname=str(data["hostname"]),
+        cgroup=str(data["cgroup"]),
+        view=mounts.ViewPlan(**view),
+        rlimits=tuple((int(a), int(b), int(c)) for a, b, c in data["rlimits"]),
+        cap_last_cap=int(data["cap_last_cap"]),
+        seccomp=tuple(base64.b64decode(program, validate=True) for program in data["seccomp"]),
+        umask=int(data["umask"]),
+        dry_run=bool(data["dry_run"]),
+    )

@@ -1,0 +1,144 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Refuse to run when this host cannot build the sandbox the profiles ask for.
+
+`check_sandbox_prerequisites` checks, in order: Linux on x86_64; root with
+the capabilities the setup needs; every namespace type; seccomp in the
+kernel; libseccomp and both filters compiling; the staging directory; then,
+per profile, a complete dry-run launch (namespaces, view, pivot_root,
+identity drop, both filters loaded) that stops just before execve. Anything
+missing raises `SandboxSetupError` naming every problem found. There is no
+weaker mode to fall back to (no silent downgrade).
+
+Does I/O: reads /proc, creates and removes a temporary directory, forks.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Final
+
+from haios.errors import PolicyLoadError, SandboxSetupError
+from haios.sandbox import _libc, _plan, mounts, seccomp
+from haios.sandbox.profile import Profile
+from haios.sandbox.runner import NamespaceRunner
+from haios.sandbox.spec import StepSpec
+
+#: the unprivileged identity used for the dry runs (nobody/nogroup)
+PROBE_UID: Final = 65534
+PROBE_GID: Final = 65534
+PROBE_TIMEOUT_SECONDS: Final = 30.0
+NAMESPACES: Final = ("pid", "mnt", "ipc", "uts", "net", "cgroup")
+#: capability numbers the setup uses (linux/capability.h)
+REQUIRED_CAPABILITIES: Final = {
+    "CAP_SETGID": 6,
+    "CAP_SETUID": 7,
+    "CAP_SETPCAP": 8,
+    "CAP_SYS_ADMIN": 21,
+    "CAP_MKNOD": 27,
+}
+
+
+def _host_problems() -> list[str]:
+    problems: list[str] = []
+    machine = os.uname().machine
+    if machine != "x86_64":
+        problems.append(f"architecture {machine} (the seccomp filters are x86_64 only)")
+    if os.geteuid() != 0:
+        problems.append(
+            f"not root (euid {os.geteuid()}); the sandbox needs root to build namespaces"
+        )
+        return problems
+    effective = _libc.capget_self()[0]
+    missing = [name for name, bit in REQUIRED_CAPABILITIES.items() if not effective >> bit & 1]
+    if missing:
+        problems.append("missing capabilities " + ", ".join(missing))
+    for name in NAMESPACES:
+        if not os.path.exists(f"/proc/self/ns/{name}"):
+            problems.append(f"{name} namespaces unavailable")
+    try:
+        _libc.prctl(_libc.PR_GET_SECCOMP)
+    except OSError:
+        problems.append("seccomp unavailable in this kernel")
+    try:
+        info = os.lstat(mounts.STAGING_DIR)
+    except OSError:
+        problems.append(f"{mounts.STAGING_DIR} missing (used to assemble the view)")
+    else:
+        if not stat.S_ISDIR(info.st_mode):
+            problems.append(f"{mounts.STAGING_DIR} is not a directory")
+    try:
+        seccomp.floor_program()
+    except SandboxSetupError as exc:
+        problems.append(str(exc))
+    return problems
+
+
+def _probe_spec(profile: Profile, scratch: Path) -> StepSpec:
+    work = scratch / profile.name
+    for sub in ("work", "cost"):
+        (work / sub).mkdir(parents=True)
+    return StepSpec(
+        plan_id="preflight",
+        step_id=f"preflight-{profile.name}",
+        argv=("/bin/true",),
+        env={"PATH": "/usr/bin:/bin"},
+        workspace=work / "work",
+        cost_dir=work / "cost",
+        secret_dir=None,
+        profile=profile,
+        uid=PROBE_UID,
+        gid=PROBE_GID,
+        timeout_seconds=PROBE_TIMEOUT_SECONDS,
+        cpu_seconds_limit=None,
+        stdout_path=work / "stdout",
+        stderr_path=work / "stderr",
+        output_limit_bytes=4096,
+        cgroup=None,
+    )
+
+
+def _profile_problems(profiles: Iterable[Profile], runner: NamespaceRunner) -> list[str]:
+    problems: list[str] = []
+    scratch = Path(tempfile.mkdtemp(prefix="haios-preflight-"))
+    try:
+        for profile in profiles:
+            try:
+                _plan.compiled_profile(profile)
+                outcome = runner.dry_run(_probe_spec(profile, scratch))
+            except (SandboxSetupError, PolicyLoadError) as exc:
+                problems.append(f"profile {profile.name}: {exc}")
+                continue
+            if outcome.exit_code != 0:
+                problems.append(f"profile {profile.name}: dry run ended with {outcome}")
+    finally:
+        shutil.rmtree(scratch)
+    return problems
+
+
+def check_sandbox_prerequisites(
+    profiles: Iterable[Profile], *, runner: NamespaceRunner | None = None
+) -> None:
+    """Prove that every profile's sandbox can be built here, or refuse.
+
+    Args:
+        profiles: the profiles the run may use.
+        runner: the runner to try them with (default: a direct one).
+
+    Raises:
+        SandboxSetupError: naming everything missing (not root, a namespace
+            type, seccomp, libseccomp, a profile path, a failed dry run).
+
+    Side Effects:
+        Forks one dry-run sandbox per profile; creates and removes a
+        temporary directory.
+    """
+    problems = _host_problems()
+    if not problems:
+        problems = _profile_problems(profiles, runner or NamespaceRunner())
+    if problems:
+        raise SandboxSetupError("sandbox prerequisites missing: " + "; ".join(problems))

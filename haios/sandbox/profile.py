@@ -1,0 +1,539 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Sandbox profiles: the typed model of `DIR/profiles/<name>.toml`, its loader and lint.
+
+A profile says what a step may do: whether it shares the host network, which
+host paths it sees read-only, its resource limits and its seccomp allowlist.
+The format is documented for operators in `docs/sandbox.md`; each model field
+below states its unit and default.
+
+`load_profile` is the only function here that does I/O (it reads one file,
+without following symlinks, under a size cap). `Profile` validation and
+`lint_profile` are pure. Every problem is reported as
+`haios.errors.PolicyLoadError` with a one-line reason naming the file and field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import re
+import stat
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from haios.errors import PolicyLoadError
+from haios.sandbox import syscall_policy
+from haios.sandbox.spec import VIEW_COST_DIR, VIEW_SECRET_DIR, VIEW_WORKSPACE
+
+PROFILE_SCHEMA: Final = "haios/profile/v1"
+PROFILE_MAX_BYTES: Final = 256 * 1024
+PROFILE_NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+MIB: Final = 1024 * 1024
+GIB: Final = 1024 * MIB
+
+#: View paths the sandbox builds itself; a profile may not bind over them.
+RESERVED_VIEW_PATHS: Final = (
+    "/",
+    "/proc",
+    "/dev",
+    "/tmp",
+    "/haios",
+    "/etc/passwd",
+    "/etc/group",
+    VIEW_WORKSPACE,
+    VIEW_COST_DIR,
+    VIEW_SECRET_DIR,
+)
+
+_SYSCALL_NAME = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
+_COMMENT = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=2000)]
+_SYMBOLIC = Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Z0-9_]*(\|[A-Z][A-Z0-9_]*)*$")]
+_U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
+
+
+class _Strict(BaseModel):
+    """Base of every profile model: unknown fields, coercion and mutation are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def resolve_symbolic(value: int | str) -> int:
+    """Turn an argument value (integer or ``"A|B"`` symbols) into its number.
+
+    Raises:
+        ValueError: a symbol is not in `syscall_policy.SYMBOLS`.
+    """
+    if isinstance(value, int):
+        return value
+    total = 0
+    for part in value.split("|"):
+        if part not in syscall_policy.SYMBOLS:
+            raise ValueError(f"unknown symbol {part!r}")
+        total |= syscall_policy.SYMBOLS[part]
+    return total
+
+
+class ArgCondition(_Strict):
+    """A comparison on one system-call argument; all of a rule's conditions must hold.
+
+    Attributes:
+        index: argument position, 0 to 5 (no default).
+        op: comparison: eq, ne, lt, le, gt, ge (unsigned 64-bit) or masked_eq
+            (``arg & mask == value``) (no default).
+        value: a non-negative integer or symbolic names joined by ``|`` from
+            `syscall_policy.SYMBOLS` (no default).
+        mask: for masked_eq only, same forms as `value` (default: none).
+    """
+
+    index: Annotated[int, Field(ge=0, le=5)]
+    op: Literal["eq", "ne", "lt", "le", "gt", "ge", "masked_eq"]
+    value: _U64 | _SYMBOLIC
+    mask: _U64 | _SYMBOLIC | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ArgCondition:
+        if (self.op == "masked_eq") != (self.mask is not None):
+            raise ValueError("mask is required with op masked_eq and only with it")
+        resolve_symbolic(self.value)
+        if self.mask is not None:
+            resolve_symbolic(self.mask)
+        return self
+
+    def comparison(self) -> syscall_policy.Comparison:
+        """The numeric form used by the filter compiler."""
+        mask = 0 if self.mask is None else resolve_symbolic(self.mask)
+        return syscall_policy.Comparison(self.index, self.op, resolve_symbolic(self.value), mask)
+
+
+class AllowRule(_Strict):
+    """System calls the step may make (under `args`, when given).
+
+    Attributes:
+        syscalls: x86_64 system-call names (at least one; no default).
+        comment: why the step needs them (no default; required).
+        args: conditions that must all hold (default: none, i.e. always).
+    """
+
+    syscalls: Annotated[tuple[_SYSCALL_NAME, ...], Field(min_length=1)]
+    comment: _COMMENT
+    args: tuple[ArgCondition, ...] = ()
+
+
+class DenyRule(_Strict):
+    """System calls refused with an errno instead of the default action.
+
+    Attributes:
+        syscalls: x86_64 system-call names (at least one; no default).
+        comment: why they are refused this way (no default; required).
+        errno: errno name the caller sees, e.g. ``"EPERM"`` (no default).
+        args: conditions that must all hold (default: none, i.e. always).
+    """
+
+    syscalls: Annotated[tuple[_SYSCALL_NAME, ...], Field(min_length=1)]
+    comment: _COMMENT
+    errno: str
+    args: tuple[ArgCondition, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> DenyRule:
+        if self.errno not in syscall_policy.ERRNO_NAMES:
+            raise ValueError(f"unknown errno name {self.errno!r}")
+        return self
+
+
+class SeccompPolicy(_Strict):
+    """The seccomp allowlist.
+
+    Attributes:
+        default_action: what happens to any call no rule matches:
+            ``"kill_process"`` (SIGSYS, recorded as a violation) or
+            ``"errno"`` (the call fails with `default_errno`). Allowing by
+            default is not expressible. Default: ``"kill_process"``.
+        default_errno: errno name for ``default_action = "errno"`` (default:
+            none; required with that action and forbidden otherwise).
+        allow: the allowlist (at least one rule; no default).
+        deny: calls refused with an errno rather than the default action
+            (default: none).
+    """
+
+    default_action: Literal["kill_process", "errno"] = "kill_process"
+    default_errno: str | None = None
+    allow: Annotated[tuple[AllowRule, ...], Field(min_length=1)]
+    deny: tuple[DenyRule, ...] = ()
+
+    @model_validator(mode="after")
+    def _check(self) -> SeccompPolicy:
+        if (self.default_action == "errno") != (self.default_errno is not None):
+            raise ValueError("default_errno is required with default_action errno and only with it")
+        if self.default_errno is not None and self.default_errno not in syscall_policy.ERRNO_NAMES:
+            raise ValueError(f"unknown errno name {self.default_errno!r}")
+        return self
+
+
+class Rlimits(_Strict):
+    """Per-process resource limits (setrlimit(2)); soft = hard so the step cannot raise them.
+
+    Core dumps are always disabled (RLIMIT_CORE = 0) and cannot be configured.
+
+    Attributes:
+        cpu_seconds: RLIMIT_CPU in seconds of CPU time per process; the
+            engine lowers it to the step's budget. Default 600 (1..86400).
+        address_space_bytes: RLIMIT_AS in bytes of virtual memory per
+            process. Default 4 GiB (64 MiB..1 TiB).
+        open_files: RLIMIT_NOFILE, descriptors per process. Default 1024
+            (16..1048576).
+        processes: RLIMIT_NPROC, processes and threads of the step's uid.
+            Default 256 (8..65536).
+        file_size_bytes: RLIMIT_FSIZE in bytes, the largest file the step
+            can write. Default 1 GiB (1 MiB..1 TiB).
+    """
+
+    cpu_seconds: Annotated[int, Field(ge=1, le=86400)] = 600
+    address_space_bytes: Annotated[int, Field(ge=64 * MIB, le=1024 * GIB)] = 4 * GIB
+    open_files: Annotated[int, Field(ge=16, le=1048576)] = 1024
+    processes: Annotated[int, Field(ge=8, le=65536)] = 256
+    file_size_bytes: Annotated[int, Field(ge=MIB, le=1024 * GIB)] = GIB
+
+
+class ReadOnlyPath(_Strict):
+    """A host path shown read-only (nosuid, nodev) at the same place in the view.
+
+    Attributes:
+        path: absolute, normalised host path (no default). A symlink is
+            recreated as the same symlink; list its target too.
+        comment: why steps need it (no default; required).
+        optional: true to skip the path when the host lacks it (default false:
+            a missing path stops the run before any step).
+    """
+
+    path: Annotated[str, StringConstraints(min_length=2, max_length=1024)]
+    comment: _COMMENT
+    optional: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> ReadOnlyPath:
+        if not self.path.startswith("/") or posixpath.normpath(self.path) != self.path:
+            raise ValueError(f"path {self.path!r} must be absolute and normalised")
+        for reserved in RESERVED_VIEW_PATHS:
+            if self.path == reserved or (reserved != "/" and self.path.startswith(reserved + "/")):
+                raise ValueError(f"path {self.path!r} is built by the sandbox itself")
+        return self
+
+
+class FilesystemPolicy(_Strict):
+    """What the step sees besides its workspace, /proc, /dev and /tmp.
+
+    Attributes:
+        read_only: host paths bound read-only (at least one; no default).
+        tmp_size_bytes: size of the private tmpfs at /tmp and of /dev/shm, in
+            bytes. Default 64 MiB (1 MiB..16 GiB).
+    """
+
+    read_only: Annotated[tuple[ReadOnlyPath, ...], Field(min_length=1)]
+    tmp_size_bytes: Annotated[int, Field(ge=MIB, le=16 * GIB)] = 64 * MIB
+
+
+class Profile(_Strict):
+    """One sandbox profile, as loaded from `DIR/profiles/<name>.toml`.
+
+    Attributes:
+        profile_schema: the format tag, ``schema = "haios/profile/v1"`` in
+            TOML (required).
+        name: the file's base name (set by the loader, not in the file).
+        digest: lowercase hex SHA-256 of the file's bytes (set by the loader).
+        description: what the profile is for (required).
+        network: false (default) gives the step a private network namespace
+            with no usable interface; true shares the host's.
+        rlimits: resource limits (defaults as in `Rlimits`).
+        filesystem: the read-only view (required).
+        seccomp: the system-call allowlist (required).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, populate_by_name=True)
+
+    profile_schema: Literal["haios/profile/v1"] = Field(alias="schema")
+    name: Annotated[str, StringConstraints(pattern=PROFILE_NAME_RE.pattern)]
+    digest: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+    description: _COMMENT
+    network: bool = False
+    rlimits: Rlimits = Rlimits()
+    filesystem: FilesystemPolicy
+    seccomp: SeccompPolicy
+
+
+# -- lint ---------------------------------------------------------------------
+
+
+def _rule_key(syscall: str, args: tuple[ArgCondition, ...]) -> tuple[str, tuple[Any, ...]]:
+    return syscall, tuple(sorted((a.index, a.op, resolve_symbolic(a.value), a.mask) for a in args))
+
+
+def _lint_default(profile: Profile) -> list[str]:
+    # The model type cannot hold "allow"; this guards models made with
+    # model_construct(), which skips validation.
+    if profile.seccomp.default_action not in ("kill_process", "errno"):
+        return [f"seccomp.default_action {profile.seccomp.default_action!r} is not a deny action"]
+    return []
+
+
+def _lint_allow(profile: Profile) -> list[str]:
+    findings: list[str] = []
+    for number, rule in enumerate(profile.seccomp.allow):
+        where = f"seccomp.allow[{number}]"
+        if len(set(rule.syscalls)) != len(rule.syscalls):
+            findings.append(f"{where} lists a system call twice")
+        for name in rule.syscalls:
+            if name in syscall_policy.FORBIDDEN_SYSCALLS:
+                findings.append(f"{where} allows {name}, which haios always refuses")
+            if name in syscall_policy.DANGEROUS_SYSCALLS and (
+                len(rule.syscalls) != 1 or name not in rule.comment
+            ):
+                findings.append(
+                    f"{where}: dangerous {name} needs a rule of its own whose comment names it"
+                    f" ({syscall_policy.DANGEROUS_SYSCALLS[name]})"
+                )
+        if "clone" in rule.syscalls and not _clone_is_masked(rule.args):
+            findings.append(f"{where}: clone must require (arg0 & CLONE_NAMESPACE_FLAGS) == 0")
+        if "personality" in rule.syscalls and not _personality_is_fixed(rule.args):
+            findings.append(
+                f"{where}: personality must be limited to PER_LINUX or PERSONALITY_QUERY"
+            )
+    return findings
+
+
+def _clone_is_masked(args: tuple[ArgCondition, ...]) -> bool:
+    ns = syscall_policy.CLONE_NAMESPACE_FLAGS
+    return any(
+        a.index == 0
+        and a.op == "masked_eq"
+        and a.mask is not None
+        and resolve_symbolic(a.mask) & ns == ns
+        and resolve_symbolic(a.value) & ns == 0
+        for a in args
+    )
+
+
+def _personality_is_fixed(args: tuple[ArgCondition, ...]) -> bool:
+    return any(
+        a.index == 0
+        and a.op == "eq"
+        and resolve_symbolic(a.value) in syscall_policy.PERSONALITY_ALLOWED
+        for a in args
+    )
+
+
+def _lint_duplicates(profile: Profile) -> list[str]:
+    findings: list[str] = []
+    seen: dict[tuple[str, tuple[Any, ...]], str] = {}
+    unconditional: dict[str, str] = {}
+    conditional: dict[str, str] = {}
+    rules = [("allow", n, r.syscalls, r.args) for n, r in enumerate(profile.seccomp.allow)]
+    rules += [("deny", n, r.syscalls, r.args) for n, r in enumerate(profile.seccomp.deny)]
+    for kind, number, syscalls, args in rules:
+        where = f"seccomp.{kind}[{number}]"
+        for name in syscalls:
+            key = _rule_key(name, args)
+            if key in seen:
+                findings.append(f"{where}: duplicate rule for {name} (also in {seen[key]})")
+                continue
+            seen[key] = where
+            # libseccomp merges an unconditional rule with any conditional
+            # rule for the same call and silently drops the conditions, so
+            # such a pair would not mean what it says.
+            if not args:
+                if name in unconditional or name in conditional:
+                    other = unconditional.get(name) or conditional[name]
+                    findings.append(f"{where}: {name} is also listed in {other}")
+                unconditional[name] = where
+            else:
+                if name in unconditional:
+                    findings.append(
+                        f"{where}: {name} is also listed unconditionally in {unconditional[name]}"
+                    )
+                conditional.setdefault(name, where)
+    return findings
+
+
+def _lint_paths(profile: Profile) -> list[str]:
+    findings: list[str] = []
+    paths = [entry.path for entry in profile.filesystem.read_only]
+    for number, path in enumerate(paths):
+        if path in paths[:number]:
+            findings.append(f"filesystem.read_only[{number}]: duplicate path {path}")
+        for other in paths:
+            if other != path and path.startswith(other + "/"):
+                findings.append(f"filesystem.read_only[{number}]: {path} is inside {other}")
+    return findings
+
+
+def _lint_required(profile: Profile) -> list[str]:
+    allowed = {name for rule in profile.seccomp.allow if not rule.args for name in rule.syscalls}
+    findings = [
+        f"seccomp.allow must include {name} (the sandbox needs it to start the step)"
+        for name in syscall_policy.REQUIRED_SYSCALLS
+        if name not in allowed
+    ]
+    if not any("clone" in rule.syscalls for rule in profile.seccomp.allow):
+        findings.append("seccomp.allow must include clone (posix_spawn starts the step with it)")
+    return findings
+
+
+def lint_profile_result(profile: Profile) -> tuple[str, ...]:
+    """Every lint finding for `profile`, without raising.
+
+    Checks: the default action denies; no allow rule lists a call haios always
+    refuses; each dangerous call has a rule of its own naming it; clone and
+    personality carry the required argument filters; no call is listed twice
+    in a way libseccomp would merge; no read-only path is duplicated or
+    nested; the calls the sandbox itself needs are allowed.
+
+    Returns:
+        One-line findings; empty when the profile is clean.
+    """
+    return tuple(
+        _lint_default(profile)
+        + _lint_allow(profile)
+        + _lint_duplicates(profile)
+        + _lint_paths(profile)
+        + _lint_required(profile)
+    )
+
+
+def lint_profile(profile: Profile) -> None:
+    """Refuse a profile with any lint finding.
+
+    Raises:
+        PolicyLoadError: listing every finding on one line.
+    """
+    findings = lint_profile_result(profile)
+    if findings:
+        raise PolicyLoadError(f"profile {profile.name}: " + "; ".join(findings))
+
+
+# -- load ---------------------------------------------------------------------
+
+
+def _freeze(value: Any) -> Any:
+    """Lists become tuples (the models are immutable and strict)."""
+    if isinstance(value, list):
+        return tuple(_freeze(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _freeze(item) for key, item in value.items()}
+    return value
+
+
+def _read_profile_bytes(policy_dir: Path, name: str) -> bytes:
+    """Read `policy_dir/profiles/<name>.toml` without following symlinks.
+
+    Side Effects:
+        Opens and reads one file.
+    """
+    shown = f"profiles/{name}.toml"
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        dir_fd = os.open(policy_dir / "profiles", flags | os.O_DIRECTORY)
+    except OSError as exc:
+        raise PolicyLoadError(f"{policy_dir}/profiles: cannot open ({exc.strerror})") from exc
+    try:
+        fd = os.open(f"{name}.toml", flags | os.O_NONBLOCK, dir_fd=dir_fd)
+    except OSError as exc:
+        raise PolicyLoadError(
+            f"{shown}: cannot open ({exc.strerror}; symlinks are refused)"
+        ) from exc
+    finally:
+        os.close(dir_fd)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise PolicyLoadError(f"{shown}: not a regular file")
+        if info.st_size > PROFILE_MAX_BYTES:
+            raise PolicyLoadError(f"{shown}: larger than {PROFILE_MAX_BYTES} bytes")
+        data = os.read(fd, PROFILE_MAX_BYTES + 1)
+    except OSError as exc:
+        raise PolicyLoadError(f"{shown}: cannot read ({exc.strerror})") from exc
+    finally:
+        os.close(fd)
+    if len(data) > PROFILE_MAX_BYTES:
+        raise PolicyLoadError(f"{shown}: larger than {PROFILE_MAX_BYTES} bytes")
+    return data
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    return f"{location}: {error['msg']}"
+
+
+def parse_profile(name: str, data: bytes) -> Profile:
+    """Parse and validate profile bytes (no lint).
+
+    Args:
+        name: the profile's name (already checked).
+        data: the file's bytes.
+
+    Raises:
+        PolicyLoadError: bad UTF-8, bad TOML, or a model violation.
+    """
+    shown = f"profiles/{name}.toml"
+    try:
+        document = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PolicyLoadError(f"{shown}: not UTF-8") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyLoadError(f"{shown}: invalid TOML ({exc})") from exc
+    for reserved in ("name", "digest"):
+        if reserved in document:
+            raise PolicyLoadError(f"{shown}: {reserved!r} is set by the engine, not the file")
+    document["name"] = name
+    document["digest"] = hashlib.sha256(data).hexdigest()
+    try:
+        return Profile.model_validate(_freeze(document))
+    except ValidationError as exc:
+        raise PolicyLoadError(f"{shown}: {_first_error(exc)}") from exc
+
+
+def load_profile(policy_dir: Path, name: str) -> Profile:
+    """Load, validate and lint `policy_dir/profiles/<name>.toml`.
+
+    Args:
+        policy_dir: the operator's policy folder.
+        name: the profile name; must match ``^[a-z0-9][a-z0-9_-]{0,63}$``.
+
+    Returns:
+        The validated profile, with `name` and `digest` set.
+
+    The seccomp filter is compiled here too (and cached for the run), so
+    an unknown system-call name is a load error, before any step runs.
+
+    Raises:
+        PolicyLoadError: bad name, missing/symlinked/oversized file, invalid
+            TOML, unknown field, wrong type, a lint finding, or a rule
+            libseccomp cannot compile.
+        SandboxSetupError: libseccomp is not available.
+
+    Side Effects:
+        Reads one file.
+    """
+    # Imported here: the filter compiler depends on this module's models.
+    from haios.sandbox import seccomp
+
+    if not PROFILE_NAME_RE.fullmatch(name):
+        raise PolicyLoadError(f"profile name {name!r} does not match {PROFILE_NAME_RE.pattern}")
+    profile = parse_profile(name, _read_profile_bytes(policy_dir, name))
+    lint_profile(profile)
+    try:
+        seccomp.profile_program(profile)
+    except PolicyLoadError as exc:
+        raise PolicyLoadError(f"profiles/{name}.toml: {exc}") from exc
+    return profile

@@ -1,0 +1,230 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared helpers for the sandbox tests: step specs, probe runs, process scans.
+
+Tests run real sandboxed children and therefore need root (CI runs as root).
+Each spec gets its own unprivileged uid so RLIMIT_NPROC and leftover-process
+checks never mix steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from haios.sandbox.profile import Profile, load_profile
+from haios.sandbox.runner import NamespaceRunner
+from haios.sandbox.spec import VIEW_COST_REPORT, VIEW_WORKSPACE, StepOutcome, StepSpec
+
+REPO = Path(__file__).resolve().parents[1]
+POLICY_DIR = REPO / "policy"
+PROBE_FILE = "probe.json"
+
+# A band of uids unlikely to exist on the host, offset by pid so parallel
+# test processes do not share uids.
+_uids = itertools.count(200_000 + (os.getpid() % 1000) * 100)
+
+#: Python run inside probes: TRY(nr, args) as in the attack catalog, and a
+#: results dict written to the workspace at the end.
+PRELUDE = r"""
+import ctypes, errno, json, os
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+def try_syscall(nr, *args):
+    ctypes.set_errno(0)
+    result = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+    return 0 if result >= 0 else ctypes.get_errno()
+results = {}
+def record(name, action):
+    try:
+        value = action()
+        results[name] = 0 if value is None else value
+    except OSError as exc:
+        results[name] = exc.errno
+def save():
+    with open("/haios/work/probe.json", "w") as handle:
+        json.dump(results, handle)
+"""
+
+
+#: A small valid profile for tests that mutate one field at a time.
+MINIMAL_PROFILE = """
+schema = "haios/profile/v1"
+description = "A minimal valid profile for tests."
+network = false
+
+[rlimits]
+cpu_seconds = 60
+
+[filesystem]
+[[filesystem.read_only]]
+path = "/usr"
+comment = "Programs and libraries."
+
+[seccomp]
+default_action = "kill_process"
+
+[[seccomp.allow]]
+comment = "What the sandbox itself needs after the filter is loaded."
+syscalls = [
+  "execve", "exit_group", "write", "wait4", "brk", "mmap", "munmap",
+  "rt_sigprocmask", "rt_sigaction", "dup2", "close",
+]
+
+[[seccomp.allow]]
+comment = "clone for posix_spawn, without namespace flags."
+syscalls = ["clone"]
+args = [{ index = 0, op = "masked_eq", mask = "CLONE_NAMESPACE_FLAGS", value = 0 }]
+
+[[seccomp.deny]]
+comment = "Polite refusal for the tests."
+syscalls = ["sync"]
+errno = "EPERM"
+"""
+
+
+def write_profile(tmp_path: Path, text: str, name: str = "test") -> Path:
+    """A policy dir holding profiles/<name>.toml with `text`."""
+    (tmp_path / "profiles").mkdir(exist_ok=True)
+    (tmp_path / "profiles" / f"{name}.toml").write_text(text)
+    return tmp_path
+
+
+@functools.cache
+def shipped_profile(name: str) -> Profile:
+    """A profile from the repository's policy/profiles."""
+    return load_profile(POLICY_DIR, name)
+
+
+def next_uid() -> int:
+    """A fresh unprivileged uid (also used as gid)."""
+    return next(_uids)
+
+
+@dataclasses.dataclass
+class StepDirs:
+    """Host directories of one test step."""
+
+    root: Path
+    workspace: Path
+    cost_dir: Path
+    uid: int
+
+
+def make_dirs(base: Path, name: str = "step") -> StepDirs:
+    """Create workspace and cost dirs owned by a fresh uid under `base`."""
+    uid = next_uid()
+    root = base / name
+    workspace = root / "work"
+    cost_dir = root / "cost"
+    for path in (workspace, cost_dir):
+        path.mkdir(parents=True)
+        os.chown(path, uid, uid)
+    return StepDirs(root, workspace, cost_dir, uid)
+
+
+def make_spec(
+    base: Path,
+    argv: tuple[str, ...],
+    *,
+    profile: str | Profile = "default",
+    name: str = "step",
+    timeout_seconds: float = 20.0,
+    env: dict[str, str] | None = None,
+    **overrides: Any,
+) -> StepSpec:
+    """A StepSpec with fresh directories and the contract's environment."""
+    dirs = make_dirs(base, name)
+    resolved = shipped_profile(profile) if isinstance(profile, str) else profile
+    spec = StepSpec(
+        plan_id="plan",
+        step_id=name,
+        argv=argv,
+        env=env
+        if env is not None
+        else {
+            "PATH": "/usr/bin:/bin",
+            "HOME": VIEW_WORKSPACE,
+            "HAIOS_PLAN_ID": "plan",
+            "HAIOS_STEP_ID": name,
+            "HAIOS_COST_REPORT": VIEW_COST_REPORT,
+        },
+        workspace=dirs.workspace,
+        cost_dir=dirs.cost_dir,
+        secret_dir=None,
+        profile=resolved,
+        uid=dirs.uid,
+        gid=dirs.uid,
+        timeout_seconds=timeout_seconds,
+        cpu_seconds_limit=None,
+        stdout_path=dirs.root / "stdout",
+        stderr_path=dirs.root / "stderr",
+        output_limit_bytes=1 << 20,
+        cgroup=None,
+    )
+    return dataclasses.replace(spec, **overrides)
+
+
+@dataclasses.dataclass
+class ProbeRun:
+    """What a probe step left behind."""
+
+    outcome: StepOutcome
+    results: dict[str, Any]
+    stdout: str
+    stderr: str
+    spec: StepSpec
+
+
+def run_python_probe(
+    runner: NamespaceRunner, base: Path, body: str, *, profile: str | Profile = "default", **kw: Any
+) -> ProbeRun:
+    """Run `PRELUDE + body` with /usr/bin/python3 -c; the body calls save()."""
+    spec = make_spec(base, ("/usr/bin/python3", "-c", PRELUDE + body), profile=profile, **kw)
+    return run_spec(runner, spec)
+
+
+def run_spec(runner: NamespaceRunner, spec: StepSpec) -> ProbeRun:
+    """Run a spec and collect its probe file and outputs."""
+    outcome = runner.run(spec)
+    probe = spec.workspace / PROBE_FILE
+    results = json.loads(probe.read_text()) if probe.exists() else {}
+    return ProbeRun(
+        outcome=outcome,
+        results=results,
+        stdout=spec.stdout_path.read_text(errors="replace"),
+        stderr=spec.stderr_path.read_text(errors="replace"),
+        spec=spec,
+    )
+
+
+def processes_of_uid(uid: int) -> list[int]:
+    """Live host pids whose real uid is `uid` (leftover-process checks).
+
+    Zombies are left out: an orphaned init that has exited waits for the
+    host's PID 1 to reap it and runs nothing any more.
+    """
+    found: list[int] = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = status_fields(Path("/proc", entry, "status").read_text())
+        except OSError:
+            continue
+        if int(fields["Uid"].split()[0]) == uid and not fields["State"].startswith("Z"):
+            found.append(int(entry))
+    return found
+
+
+def status_fields(text: str) -> dict[str, str]:
+    """Parse /proc/<pid>/status text into name -> value."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        fields[name] = value.strip()
+    return fields
