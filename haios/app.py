@@ -9,6 +9,7 @@ Does I/O.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,35 @@ from haios.execute import StepGuard
 from haios.load.policy import Policy, load_policy, resolve_policy_dir
 from haios.models.plan import ExecPlan
 from haios.osroot import METRICS_FILE, STATE_FILE, OsRoot
-from haios.sandbox.spec import StepRunner
+from haios.sandbox.spec import StepOutcome, StepRunner, StepSpec
+
+
+class _LauncherRunner:
+    """The namespace runner forking through a small pre-started launcher process.
+
+    Forking cost grows with the forking process's memory; the launcher is a
+    fresh, small interpreter, so launch cost does not grow with the engine.
+    """
+
+    def __init__(self) -> None:
+        from haios.sandbox.launcher import Launcher
+        from haios.sandbox.runner import NamespaceRunner
+
+        self.launcher = Launcher.start()
+        self.runner = NamespaceRunner(launcher=self.launcher)
+
+    def run(self, spec: StepSpec, *, on_start: Callable[[int], None] | None = None
+            ) -> StepOutcome:
+        """Run one step (see `StepRunner.run`)."""
+        return self.runner.run(spec, on_start=on_start)
+
+    def close(self) -> None:
+        """Stop the launcher."""
+        self.launcher.close()
 
 
 def _runner(policy: Policy) -> StepRunner:
-    from haios.sandbox.runner import NamespaceRunner
-
-    return NamespaceRunner()
+    return _LauncherRunner()
 
 
 def _guard(request: GuardRequest) -> StepGuard:

@@ -232,16 +232,20 @@ def _execute(osr: OsRoot, policy: Policy, plan: ExecPlan, plan_sha256: str,
     leftovers = tuple(a for entry in keeper.steps.values() for a in entry["token_accessors"])
     guard = services.guard_factory(GuardRequest(osr, policy, plan, bus, plan_sha256[:12],
                                                 leftovers, keeper.record_accessor))
-    ctx = RunContext(osr, policy, plan, signer, services.runner_factory(policy), guard, bus,
+    try:
+        runner = services.runner_factory(policy)
+    except BaseException:
+        _close(guard)
+        raise
+    ctx = RunContext(osr, policy, plan, signer, runner, guard, bus,
                      store, osr.private(), step_uids(plan, order, policy), wall_clock,
                      {name: item.sha256 for name, item in known.items()})
     scheduler = Scheduler(ctx, keeper, ledger, order, jobs, known)
     try:
         scheduler.run()
     finally:
-        close = getattr(guard, "close", None)
-        if callable(close):
-            close()
+        _close(guard)  # stops the watchdog
+        _close(runner)  # stops the launcher
     write_registry(osr, plan, known, signer)
     bus.publish(ev.RUN_FINISHED, status=keeper.status, reason=keeper.reason)
     document = keeper.commit()
@@ -249,6 +253,13 @@ def _execute(osr: OsRoot, policy: Policy, plan: ExecPlan, plan_sha256: str,
         raise scheduler.fatal
     return RunOutcome(STATUS_EXIT.get(keeper.status, EXIT_STEP_FAILED), document,
                       keeper.reason or f"plan {keeper.status}")
+
+
+def _close(part: object) -> None:
+    """Close a guard or runner that owns a process (watchdog, launcher)."""
+    close = getattr(part, "close", None)
+    if callable(close):
+        close()
 
 
 class Scheduler:
