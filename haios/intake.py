@@ -24,12 +24,13 @@ from haios.errors import DigestError, ExpiredError, HaiosError, InputError, Veri
 from haios.load.parse import parse_model
 from haios.load.policy import Policy
 from haios.models.common import parse_rfc3339
-from haios.models.plan import ExecPlan
+from haios.models.plan import ExecPlan, PlanInput
 from haios.osroot import PLAN_FILE, PLAN_SIG, OsRoot
 from haios.verify.dsse import verify_detached
 from haios.verify.links import collect_vouched, require_vouched
 
 HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
+PARALLEL_INPUTS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,11 +151,16 @@ def verify_inputs(osr: OsRoot, policy: Policy, plan: ExecPlan, store: SafeDir,
         _publish(bus, "link", False, "links/")
         raise
     verified: dict[str, StoredArtefact] = {}
-    # Copy and hash in parallel (hashlib releases the GIL); check in plan order.
-    with cf.ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
-        copies = list(pool.map(
-            lambda item: copy_into(inbox, item.name, store, max_bytes=limits.product_max_bytes),
-            plan.inputs))
+    def copy(item: PlanInput) -> tuple[str, int]:
+        return copy_into(inbox, item.name, store, max_bytes=limits.product_max_bytes)
+
+    # Copy and hash in parallel when there are many inputs (hashlib releases
+    # the GIL); a pool costs more than it saves for a handful. Check in plan order.
+    if len(plan.inputs) >= PARALLEL_INPUTS:
+        with cf.ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
+            copies = list(pool.map(copy, plan.inputs))
+    else:
+        copies = [copy(item) for item in plan.inputs]
     for item, (digest, size) in zip(plan.inputs, copies, strict=True):
         if digest != item.sha256:
             _publish(bus, "digest", False, item.name)
