@@ -40,7 +40,14 @@ from haios.journal_ingest import ingest_watchdog_journal
 from haios.load.policy import Policy
 from haios.models.common import format_rfc3339
 from haios.models.plan import ExecPlan
-from haios.models.state import STATE_SCHEMA, CostTotals, PlanStatus, RunState, StepState
+from haios.models.state import (
+    STATE_SCHEMA,
+    CostTotals,
+    PlanStatus,
+    RunState,
+    StepState,
+    StepStatus,
+)
 from haios.osroot import LOCK_FILE, STATE_FILE, OsRoot
 from haios.registry import write_registry
 from haios.sandbox.spec import StepRunner
@@ -355,25 +362,8 @@ class Scheduler:
         step = self.ctx.plan.step(step_id)
         try:
             result = future.result()
-        except KilledError as exc:
-            entry.update(status="killed", finished=format_rfc3339(wall_clock()),
-                         reason=str(exc))
-            self.ctx.bus.publish(ev.STEP_FINISHED, step_id=step_id, status="killed",
-                                 exit_code=None, profile=step.profile, wall_seconds=0.0,
-                                 reason=exc.reason)
-            self._halt("killed", str(exc))
-            self.keeper.commit()
-            return
         except HaiosError as exc:
-            entry.update(status="failed", finished=format_rfc3339(wall_clock()),
-                         reason=str(exc))
-            self.ctx.bus.publish(ev.STEP_FINISHED, step_id=step_id, status="failed",
-                                 exit_code=None, profile=step.profile, wall_seconds=0.0,
-                                 reason=exc.reason)
-            self._halt("failed", str(exc))
-            if exc.exit_code != EXIT_STEP_FAILED and self.fatal is None:
-                self.fatal = exc  # the environment broke mid-run: exit with its code
-            self.keeper.commit()
+            self._finish_without_result(step_id, exc)
             return
         leftovers = set(getattr(self.ctx.guard, "leftovers", ()))
         entry.update(status=result.status, exit_code=result.exit_code, reason=result.reason,
@@ -407,6 +397,21 @@ class Scheduler:
         if failure is not None:
             self._halt("failed", str(failure))
             self.fatal = self.fatal or failure
+        self.keeper.commit()
+
+    def _finish_without_result(self, step_id: str, exc: HaiosError) -> None:
+        """A step that raised instead of ending: killed at registration, or the
+        environment broke (sandbox setup, Vault, watchdog)."""
+        killed = isinstance(exc, KilledError)
+        status: StepStatus = "killed" if killed else "failed"
+        self.keeper.steps[step_id].update(status=status, finished=format_rfc3339(wall_clock()),
+                                          reason=str(exc))
+        self.ctx.bus.publish(ev.STEP_FINISHED, step_id=step_id, status=status, exit_code=None,
+                             profile=self.ctx.plan.step(step_id).profile, wall_seconds=0.0,
+                             reason=exc.reason)
+        self._halt("killed" if killed else "failed", str(exc))
+        if not killed and exc.exit_code != EXIT_STEP_FAILED and self.fatal is None:
+            self.fatal = exc  # the environment broke mid-run: exit with its code
         self.keeper.commit()
 
     def _has_pending(self) -> bool:

@@ -20,7 +20,7 @@ import mmap
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from haios.errors import BusyError, InputError, PathError
@@ -201,6 +201,30 @@ class SafeDir:
         Side Effects:
             Creates and renames a temp file in this directory; fsyncs.
         """
+        self._publish(name, mode, lambda fd: _write_all(fd, data))
+
+    def write_atomic_from(self, name: str, src_fd: int, size: int, *, mode: int = 0o644) -> None:
+        """Publish the first `size` bytes behind `src_fd` as `name`, atomically.
+
+        Raises:
+            PathError: an unexpected entry occupies `name`, or the source shrank.
+
+        Side Effects:
+            As `write_atomic`; the copy is made in-kernel.
+        """
+
+        def fill(fd: int) -> None:
+            copied = 0
+            while copied < size:
+                n = os.copy_file_range(src_fd, fd, size - copied, offset_src=copied)
+                if n == 0:
+                    raise PathError(f"{self.label}/{name}: source shrank while copying")
+                copied += n
+
+        self._publish(name, mode, fill)
+
+    def _publish(self, name: str, mode: int, fill: Callable[[int], None]) -> None:
+        """Temp file (O_EXCL, no-follow), fill, fsync, rename over `name`, fsync dir."""
         self.check_replaceable(name)
         tmp = f".{name}.{secrets.token_hex(6)}.tmp"
         try:
@@ -209,37 +233,7 @@ class SafeDir:
             raise PathError(f"{self.label}/{name}: cannot create ({_reason(exc)})") from exc
         try:
             try:
-                _write_all(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=self.fd)
-            raise
-        os.fsync(self.fd)
-
-    def write_atomic_from(self, name: str, src_fd: int, size: int, *, mode: int = 0o644) -> None:
-        """Publish the first `size` bytes behind `src_fd` as `name`, atomically.
-
-        Raises:
-            PathError: an unexpected entry occupies `name`.
-
-        Side Effects:
-            As `write_atomic`; the copy is made in-kernel.
-        """
-        self.check_replaceable(name)
-        tmp = f".{name}.{secrets.token_hex(6)}.tmp"
-        fd = os.open(tmp, _NEW_FLAGS, mode, dir_fd=self.fd)
-        try:
-            try:
-                copied = 0
-                while copied < size:
-                    n = os.copy_file_range(src_fd, fd, size - copied, offset_src=copied)
-                    if n == 0:
-                        raise PathError(f"{self.label}/{name}: source shrank while copying")
-                    copied += n
+                fill(fd)
                 os.fsync(fd)
             finally:
                 os.close(fd)
