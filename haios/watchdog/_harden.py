@@ -9,8 +9,11 @@ owner), but it needs almost none of root's capabilities. `harden_process`:
 2. sets umask 077 and cwd "/" (holds no mount busy);
 3. disables core dumps and marks itself non-dumpable, so no other process of
    a lower privilege can ptrace it or read its memory through /proc;
-4. sets `oom_score_adj` to -1000, so the OOM killer picks a step, not the
-   process that must kill steps (attack catalog case 111);
+4. asks for `oom_score_adj` -1000, so the OOM killer picks a step, not the
+   process that must kill steps (attack catalog case 111). This needs
+   CAP_SYS_RESOURCE, which a container may withhold; without it the
+   watchdog runs unprotected from the OOM killer and says so (the engine
+   still fails closed if the watchdog dies);
 5. drops every capability from the bounding, inheritable and ambient sets and
    keeps only CAP_KILL (the freeze fallback signals step uids) and
    CAP_DAC_READ_SEARCH (lstat and watch flags in a client-owned `control/`)
@@ -45,15 +48,22 @@ CAP_KILL: Final = 5
 #: the capabilities the watchdog keeps (see the module docstring, item 5)
 KEPT_CAPABILITIES: Final = frozenset({CAP_DAC_READ_SEARCH, CAP_KILL})
 
+# stdin and stdout are the protocol pipes, stderr the engine's diagnostics.
+_LAST_STD_FD: Final = 2
+_CAP_WORD_BITS: Final = 32
 _CAP_LAST_CAP: Final = Path("/proc/sys/kernel/cap_last_cap")
 _OOM_SCORE_ADJ: Final = Path("/proc/self/oom_score_adj")
 
 
 class _CapHeader(ctypes.Structure):
+    """struct __user_cap_header_struct (linux/capability.h)."""
+
     _fields_ = (("version", ctypes.c_uint32), ("pid", ctypes.c_int))
 
 
 class _CapData(ctypes.Structure):
+    """struct __user_cap_data_struct (linux/capability.h)."""
+
     _fields_ = (
         ("effective", ctypes.c_uint32),
         ("permitted", ctypes.c_uint32),
@@ -62,10 +72,12 @@ class _CapData(ctypes.Structure):
 
 
 def _libc() -> ctypes.CDLL:
+    """Return the interpreter's own libc (no ctypes.util import)."""
     return ctypes.CDLL(None, use_errno=True)
 
 
 def _prctl(libc: ctypes.CDLL, option: int, arg2: int = 0) -> None:
+    """Call prctl(option, arg2, 0, 0, 0); raise EnvironmentUnavailableError on failure."""
     zero = ctypes.c_ulong(0)
     result = libc.prctl(ctypes.c_int(option), ctypes.c_ulong(arg2), zero, zero, zero)
     if result != 0:
@@ -74,12 +86,14 @@ def _prctl(libc: ctypes.CDLL, option: int, arg2: int = 0) -> None:
 
 
 def _capability_words(caps: frozenset[int]) -> tuple[int, int]:
-    low = sum(1 << c for c in caps if c < 32)
-    high = sum(1 << (c - 32) for c in caps if c >= 32)
+    """Split a capability set into the two 32-bit words capset(2) takes."""
+    low = sum(1 << c for c in caps if c < _CAP_WORD_BITS)
+    high = sum(1 << (c - _CAP_WORD_BITS) for c in caps if c >= _CAP_WORD_BITS)
     return low, high
 
 
 def _drop_capabilities(libc: ctypes.CDLL, keep: frozenset[int]) -> None:
+    """Keep only `keep` in every capability set of this process."""
     last_cap = int(_CAP_LAST_CAP.read_text(encoding="ascii"))
     # The bounding set first: dropping from it needs CAP_SETPCAP, which the
     # capset below removes.
@@ -96,19 +110,35 @@ def _drop_capabilities(libc: ctypes.CDLL, keep: frozenset[int]) -> None:
 
 
 def _close_inherited_fds() -> None:
+    """Close every descriptor above stderr."""
     # subprocess already passes only 0-2, but the watchdog must not depend on
     # its parent's discipline to hold no other descriptor.
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd > 2:  # noqa: PLR2004 - stdin, stdout, stderr are the protocol
+        if fd > _LAST_STD_FD:
             try:
                 os.close(fd)
             except OSError:
                 continue  # the listing's own descriptor, already closed
 
 
-def harden_process() -> None:
+def _protect_from_oom() -> bool:
+    """Ask for oom_score_adj -1000; False when the kernel refuses (EACCES)."""
+    try:
+        _OOM_SCORE_ADJ.write_text("-1000", encoding="ascii")
+    except PermissionError:
+        return False
+    except OSError as e:
+        raise EnvironmentUnavailableError(f"cannot set oom_score_adj: {e.strerror}") from e
+    return True
+
+
+def harden_process() -> bool:
     """Reduce the watchdog's own privileges; see the module docstring.
+
+    Returns:
+        True when the OOM killer will spare the watchdog (item 4), False when
+        the kernel refused (no CAP_SYS_RESOURCE).
 
     Raises:
         EnvironmentUnavailableError: a step failed (not root, no prctl or
@@ -124,10 +154,11 @@ def harden_process() -> None:
     os.chdir("/")
     try:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        _OOM_SCORE_ADJ.write_text("-1000", encoding="ascii")
     except OSError as e:
-        raise EnvironmentUnavailableError(f"cannot harden the watchdog: {e}") from e
+        raise EnvironmentUnavailableError(f"cannot disable core dumps: {e}") from e
+    oom_protected = _protect_from_oom()
     libc = _libc()
     _prctl(libc, _PR_SET_DUMPABLE, 0)
     _drop_capabilities(libc, KEPT_CAPABILITIES)
     _prctl(libc, _PR_SET_NO_NEW_PRIVS, 1)
+    return oom_protected

@@ -87,6 +87,7 @@ def parse_events(data: bytes) -> list[InotifyEvent]:
 
 
 def _load_libc() -> ctypes.CDLL:
+    """Return libc with inotify symbols, without importing ctypes.util."""
     # dlopen(NULL) sees the interpreter's own libc without ctypes.util, whose
     # import pulls in subprocess and slows the watchdog's start.
     libc = ctypes.CDLL(None, use_errno=True)
@@ -126,7 +127,7 @@ class Inotify:
         if fd < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"inotify_init1: {os.strerror(err)}")
-        self._fd = fd
+        self._fd: int = int(fd)
 
     def fileno(self) -> int:
         """Return the descriptor, for poll(2)."""

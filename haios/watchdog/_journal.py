@@ -35,6 +35,7 @@ _FLAGS: Final = (
 
 
 def _sync_directory(directory: Path) -> None:
+    """Flush a directory (fsync) so a new entry in it is durable."""
     # A newly created journal's directory entry is durable only once the
     # directory itself is fsync'd.
     try:

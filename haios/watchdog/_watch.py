@@ -70,6 +70,8 @@ class FlagHit:
 
 @dataclasses.dataclass(frozen=True)
 class _Role:
+    """Why a directory is watched: `kind` and the directory's path."""
+
     kind: str
     directory: Path
 
@@ -112,7 +114,7 @@ class FlagWatcher:
         return self._inotify is not None
 
     def fileno(self) -> int | None:
-        """The inotify descriptor to poll for readability, or None."""
+        """Return the inotify descriptor to poll for readability, or None."""
         return None if self._inotify is None else self._inotify.fileno()
 
     def refresh_watches(self) -> None:
@@ -172,10 +174,12 @@ class FlagWatcher:
         return hits, rescan
 
     def _forget(self, wd: int) -> None:
+        """Drop a watch that no longer sits on its path."""
         if self._wds.pop(wd, None) is not None and self._inotify is not None:
             self._inotify.rm_watch(wd)
 
     def _classify(self, role: _Role, name: str) -> tuple[FlagHit | None, bool]:
+        """Return the flag an entry name means for a role, and whether to rescan."""
         if role.kind == _ROLE_CONTROL:
             if name == GLOBAL_FLAG_NAME:
                 return FlagHit("global", str(role.directory / name), None), False
@@ -191,7 +195,7 @@ class FlagWatcher:
         return None, False
 
     def scan(self, step_ids: Iterable[str]) -> list[FlagHit]:
-        """lstat every flag: the global ones and those of `step_ids`.
+        """Check every flag by lstat: the global ones and those of `step_ids`.
 
         Returns:
             Every flag set now (or that cannot be examined: fails closed).

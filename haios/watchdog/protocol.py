@@ -160,7 +160,15 @@ class Killed:
 
 
 Message = (
-    Config | Register | Unregister | Shutdown | Ready | Failed | Registered | Refused | Engaged
+    Config
+    | Register
+    | Unregister
+    | Shutdown
+    | Ready
+    | Failed
+    | Registered
+    | Refused
+    | Engaged
     | Killed
 )
 _CLASSES: Final[dict[str, type[Message]]] = {
@@ -202,6 +210,7 @@ def encode(message: Message) -> bytes:
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """object_pairs_hook: refuse duplicate keys (JSON parser differential)."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
@@ -211,6 +220,7 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _reject_constant(name: str) -> None:
+    """parse_constant hook: refuse NaN, Infinity, -Infinity."""
     raise InternalError(f"non-finite number {name} in watchdog message")
 
 
@@ -275,6 +285,7 @@ def decode(line: bytes) -> Message:
 
 
 def _check_semantics(message: Message) -> None:
+    """Check values a field type cannot express (scopes, version, sign)."""
     if isinstance(message, Engaged) and message.scope not in FLAG_SCOPES:
         raise InternalError(f"engaged message has an unknown scope {message.scope!r}")
     if isinstance(message, Killed):
