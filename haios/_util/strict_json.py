@@ -123,6 +123,10 @@ def parse_strict_json(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
 
 
 def dump_json(value: Any) -> bytes:
-    """Serialise engine-written JSON: sorted keys, 2-space indent, newline."""
-    return (json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False,
+    """Serialise engine-written JSON: sorted keys, compact, one trailing newline.
+
+    Compact on purpose: the C encoder only serves documents without indent,
+    and the engine rewrites its state on every step.
+    """
+    return (json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                        allow_nan=False) + "\n").encode("utf-8")

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
-import rfc8785
 from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
 from securesystemslib.signer import Signature, SSlibKey
 
+from haios._util.canonical import canonical_bytes
 from haios.errors import TamperedError
 
 
 def signed_bytes(document: dict[str, Any]) -> bytes:
     """The bytes an embedded signature covers: JCS of the object minus `signatures`."""
     body = {key: value for key, value in document.items() if key != "signatures"}
-    return bytes(rfc8785.dumps(body))
+    return canonical_bytes(body)
 
 
 def verify_embedded(document: dict[str, Any], key: SSlibKey, *, label: str) -> None:
