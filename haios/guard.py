@@ -73,7 +73,9 @@ class RunGuard:
 
     def on_kill(self, report: Any) -> None:
         """Watchdog callback (its reader thread): record and publish one kill."""
-        self.note_kill(report.step_id, report.flag or report.scope)
+        latency_ms = report.latency_seconds * 1000
+        self.note_kill(report.step_id, f"{_flag_name(report.flag)} (tree dead {latency_ms:.1f} ms "
+                                       "after the flag was seen)")
         self.request.bus.publish(ev.KILL, scope=report.scope, flag=_flag_name(report.flag),
                                  step_id=report.step_id,
                                  latency_seconds=report.latency_seconds,
