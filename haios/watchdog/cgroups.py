@@ -27,6 +27,7 @@ helpers are pure; everything else does file-system I/O.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from pathlib import Path
 from typing import Final
@@ -237,6 +238,15 @@ def remove_cgroup(path: Path, *, timeout_seconds: float = DEFAULT_KILL_TIMEOUT_S
     """
     if not path.exists():
         return
+    # Fast path for the usual case, a step that ended with its tree: an empty
+    # cgroup is removed at once. rmdir fails (EBUSY) if anything still lives
+    # there or a child cgroup exists, and then the kill path below handles it.
+    if not is_populated(path):
+        try:
+            os.rmdir(path)
+            return
+        except OSError:
+            pass
     outcome = kill_cgroup(path, timeout_seconds=timeout_seconds)
     if not outcome.removed:
         raise EnvironmentUnavailableError(outcome.error or f"cannot remove cgroup {path}")
