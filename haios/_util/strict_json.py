@@ -85,6 +85,15 @@ def _no_surrogates(value: Any) -> None:
             stack.extend(item)
 
 
+# One decoder for every call: building it costs as much as decoding a small document.
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_unique_object,
+    parse_constant=_reject_constant,
+    parse_float=_finite_float,
+    parse_int=_bounded_int,
+)
+
+
 def parse_strict_json(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     """Parse `data` as exactly one strict JSON document.
 
@@ -106,13 +115,7 @@ def parse_strict_json(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
         raise StrictJSONError(f"not UTF-8 at byte {exc.start}") from exc
     check_depth(text, max_depth)
     try:
-        value = json.loads(
-            text,
-            object_pairs_hook=_unique_object,
-            parse_constant=_reject_constant,
-            parse_float=_finite_float,
-            parse_int=_bounded_int,
-        )
+        value = _DECODER.decode(text)
     except StrictJSONError:
         raise
     except (ValueError, RecursionError) as exc:
