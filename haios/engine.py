@@ -78,6 +78,8 @@ class GuardRequest:
     leftover_accessors: tuple[str, ...] = ()
     #: durably records a token accessor in state before the token is handed out
     record_accessor: Callable[[str, str], None] | None = None
+    #: durably records (True) or forgets (False) a run session's accessor
+    record_session: Callable[[str, bool], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +118,7 @@ class StateKeeper:
                                              "usd": 0.0, "tokens": 0})
         self._audit_head = audit_head
         self.lock = threading.RLock()
+        self.sessions: list[str] = list(prior.vault_sessions) if prior else []
 
     def document(self, now: dt.datetime) -> RunState:
         """The current state as a model (validated)."""
@@ -123,7 +126,7 @@ class StateKeeper:
             "schema": STATE_SCHEMA, "plan_id": self.plan_id, "plan_sha256": self.plan_sha256,
             "status": self.status, "reason": self.reason, "steps": self.steps,
             "cost": {"totals": self.totals}, "updated": format_rfc3339(now), "seq": self.seq,
-            "audit": self._audit_head(),
+            "audit": self._audit_head(), "vault_sessions": self.sessions,
         })
 
     def commit(self) -> dict[str, Any]:
@@ -132,6 +135,15 @@ class StateKeeper:
             self.seq += 1
             return write_signed(self.osr.root, STATE_FILE, self.document(wall_clock()),
                                 self.signer)
+
+    def record_session(self, accessor: str, live: bool) -> None:
+        """Durably note (or forget, once revoked) a run session's Vault accessor."""
+        with self.lock:
+            if live:
+                self.sessions.append(accessor)
+            elif accessor in self.sessions:
+                self.sessions.remove(accessor)
+        self.commit()
 
     def record_accessor(self, step_id: str, accessor: str) -> None:
         """Durably note a Vault accessor before its token can be used (worker thread)."""
@@ -236,9 +248,11 @@ def _execute(osr: OsRoot, policy: Policy, plan: ExecPlan, plan_sha256: str,
     keeper.status = "running"
     keeper.reason = None
     keeper.commit()
-    leftovers = tuple(a for entry in keeper.steps.values() for a in entry["token_accessors"])
+    leftovers = (*keeper.sessions,
+                 *(a for entry in keeper.steps.values() for a in entry["token_accessors"]))
     guard = services.guard_factory(GuardRequest(osr, policy, plan, bus, plan_sha256[:12],
-                                                leftovers, keeper.record_accessor))
+                                                leftovers, keeper.record_accessor,
+                                                keeper.record_session))
     try:
         runner = services.runner_factory(policy)
     except BaseException:

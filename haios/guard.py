@@ -24,6 +24,9 @@ from haios.load.policy import Policy
 from haios.models.plan import ExecPlan, PlanStep
 from haios.sandbox.spec import VIEW_TOKEN_FILE
 
+SESSION_MAX_SECONDS = 86_400
+SESSION_MARGIN_SECONDS = 300
+
 
 def _grant(policy: Policy, scope: str) -> Any:
     from haios.secrets import ScopeGrant
@@ -65,6 +68,8 @@ class RunGuard:
         self.leftovers: list[str] = []
         self._lock = threading.Lock()
         self.lost: HaiosError | None = None
+        self.session: Any = None
+        self.session_provider: Any = None
 
     def note_kill(self, step_id: str | None, flag: str) -> None:
         """Remember which flag killed which step (None: every running step)."""
@@ -159,16 +164,17 @@ class RunGuard:
                 self.watchdog.unregister(step.id)
                 self.watchdog.remove_step_cgroup(Path(grant.cgroup))
 
-    def _revoke(self, step_id: str, accessor: str) -> None:
+    def _revoke(self, step_id: str, accessor: str, provider: Any = None) -> bool:
         try:
-            self.provider.revoke(accessor)
+            (provider or self.provider).revoke(accessor)
         except HaiosError as exc:
             with self._lock:
                 self.leftovers.append(accessor)
             self.request.bus.publish(ev.VAULT_REVOKE_FAILED, step_id=step_id,
                                      accessor=accessor, message=exc.reason)
-            return
+            return False
         self.request.bus.publish(ev.VAULT_TOKEN_REVOKED, step_id=step_id, accessor=accessor)
+        return True
 
     def was_killed(self, step_id: str) -> str | None:
         """The flag that killed `step_id`, if one did.
@@ -196,16 +202,43 @@ class RunGuard:
     def revoke_leftovers(self, accessors: tuple[str, ...]) -> None:
         """Revoke tokens a previous (crashed) run recorded as not yet revoked."""
         for accessor in accessors:
-            self._revoke("resume", accessor)
+            if self._revoke("resume", accessor) and self.request.record_session is not None:
+                self.request.record_session(accessor, False)
+
+    def open_session(self, run_seconds: int) -> None:
+        """Give the run its own parent token; step tokens become its children.
+
+        The session accessor is recorded durably before any step token
+        exists, so a crash between Vault creating a step token and the
+        engine recording it still leaves a way to revoke it (revoking the
+        session revokes its children). The session lives at most as long as
+        the plan's steps could run one after the other, plus a margin.
+        """
+        if self.provider is None:
+            return
+        ttl = min(SESSION_MAX_SECONDS, run_seconds + SESSION_MARGIN_SECONDS)
+        session = self.provider.open_session(self.request.run_id, ttl_seconds=ttl)
+        if self.request.record_session is not None:
+            self.request.record_session(session.accessor, True)
+        self.request.bus.publish(ev.VAULT_TOKEN_ISSUED, step_id="run", accessor=session.accessor,
+                                 ttl_seconds=session.ttl_seconds)
+        self.session_provider, self.session = self.provider, session
+        self.provider = session.provider
 
     def close(self) -> None:
-        """Retry failed revocations; stop the watchdog."""
-        if self.leftovers and self.provider is not None:
-            from haios.secrets import revoke_leftovers
+        """Retry failed revocations, revoke the run session; stop the watchdog."""
+        try:
+            if self.leftovers and self.provider is not None:
+                from haios.secrets import revoke_leftovers
 
-            revoke_leftovers(self.provider, list(self.leftovers))
-        if self.watchdog is not None:
-            self.watchdog.close()
+                revoke_leftovers(self.provider, list(self.leftovers))
+            if self.session is not None:
+                revoked = self._revoke("run", self.session.accessor, self.session_provider)
+                if revoked and self.request.record_session is not None:
+                    self.request.record_session(self.session.accessor, False)
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.close()
 
 
 def _flag_name(flag: str | None) -> str:
@@ -238,8 +271,10 @@ def make_guard(request: GuardRequest) -> RunGuard:
         provider = provider_from_environment(os.environ)
         addr = os.environ.get("VAULT_ADDR")
     guard = RunGuard(request, None, provider, addr)
-    if provider is not None and request.leftover_accessors:
-        guard.revoke_leftovers(request.leftover_accessors)
+    if provider is not None:
+        if request.leftover_accessors:
+            guard.revoke_leftovers(request.leftover_accessors)
+        guard.open_session(sum(step.timeout_seconds for step in request.plan.steps))
     private = request.osr.path / ".haios"
     guard.watchdog = Watchdog.start(
         control_dir=request.osr.path / "control",

@@ -7,6 +7,8 @@ embedded engine signature:
 - `seq`: a counter raised on every write, so an older signed state can be
   told apart from the newest one (the ledger, when configured, pins it);
 - `audit`: the head of the audit chain at the time of the write;
+- `vault_sessions`: accessors of the run's Vault parent tokens not yet
+  known to be revoked (revoking one revokes every step token of its run);
 - `steps.<id>.reason`, `.products`, `.token_accessors`: why a step ended,
   the digests of what it produced, and the Vault accessors issued to it
   that are not yet known to be revoked.
@@ -88,6 +90,7 @@ class RunState(StrictModel):
     updated: Timestamp
     seq: NonNegativeInt = 0
     audit: AuditHead | None = None
+    vault_sessions: list[Accessor] = Field(default_factory=list)
     signatures: list[EmbeddedSignature] = Field(default_factory=list, max_length=16)
 
 

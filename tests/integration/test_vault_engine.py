@@ -91,13 +91,16 @@ def test_scoped_step_reads_its_secret_and_token_dies_after(
     with pytest.raises(Exception, match="permission denied|invalid token|bad token"):
         client.auth.token.lookup_self()
     audit = [json.loads(line) for line in (root / "audit.jsonl").read_text().splitlines()]
-    accessors = [r["fields"]["accessor"] for r in audit if r["kind"] == "vault.token_issued"]
-    assert len(accessors) == 1 and openbao.lookup_accessor(accessors[0]) is None
-    issued = next(r["fields"] for r in audit if r["kind"] == "vault.token_issued")
+    issued_records = [r["fields"] for r in audit if r["kind"] == "vault.token_issued"]
+    accessors = [f["accessor"] for f in issued_records]
+    assert [f["step_id"] for f in issued_records] == ["run", "probe"]  # session, then step
+    assert all(openbao.lookup_accessor(a) is None for a in accessors)
+    issued = issued_records[1]
     assert 0 < issued["ttl_seconds"] <= 30  # bounded by the step's timeout, under the scope's 120
     assert any(r["kind"] == "vault.token_revoked" for r in audit)
     state = read_json(root / "state.json")
     assert state["steps"]["probe"]["token_accessors"] == []
+    assert state["vault_sessions"] == []  # the run's parent token was revoked too
     # The engine wrote the token nowhere; only the step's own product holds it.
     hits = _files_containing(root, token, skip=lambda p: p.name == "probe.json")
     assert hits == []
@@ -156,3 +159,33 @@ def test_vault_dying_mid_run_fails_cleanly(vault_world: tuple[World, dict[str, s
     assert steps["first"]["status"] == "succeeded"
     assert steps["needs"]["status"] == "failed" and steps["needs"]["started"] is not None
     assert steps["later"]["status"] == "skipped" and steps["later"]["started"] is None
+
+
+def test_tokens_of_a_crashed_run_are_revoked_on_resume(
+        vault_world: tuple[World, dict[str, str]], openbao: OpenBaoServer) -> None:
+    world, env = vault_world
+    root = world.os_root(plan("crash", [
+        step("slow", sh("test -s \"$HAIOS_VAULT_TOKEN_FILE\" && sleep 3; echo ok > o.txt"),
+             profile="network", vault_scope="reports", products=["o.txt"])]))
+    engine = subprocess.Popen([sys.executable, "-m", "haios", "run", str(root), "--policy",
+                               str(world.policy)], env={**os.environ, **env},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    recorded: dict[str, object] = {}
+    while time.monotonic() < deadline:
+        state_file = root / "state.json"
+        if state_file.exists():
+            recorded = read_json(state_file)
+            if recorded["steps"]["slow"]["token_accessors"]:
+                break
+        time.sleep(0.05)
+    engine.kill()
+    engine.wait()
+    session = recorded["vault_sessions"][0]  # type: ignore[index]
+    step_accessor = recorded["steps"]["slow"]["token_accessors"][0]  # type: ignore[index]
+    assert openbao.lookup_accessor(step_accessor) is not None  # the dead engine revoked nothing
+    result = world.run(root, env=env)
+    assert result.code == 0, result.stderr
+    assert openbao.lookup_accessor(session) is None
+    assert openbao.lookup_accessor(step_accessor) is None
+    assert read_json(root / "state.json")["vault_sessions"] == []
