@@ -34,7 +34,7 @@ from haios.errors import (
     KilledError,
 )
 from haios.execute import RunContext, StepExecutor, StepGuard, StepResult, wall_clock
-from haios.history import History, check_fresh_outputs, verify_outputs
+from haios.history import History, check_engine_paths, check_fresh_outputs, verify_outputs
 from haios.intake import StoredArtefact, read_plan_bytes, verify_inputs, verify_plan
 from haios.journal_ingest import ingest_watchdog_journal
 from haios.load.policy import Policy
@@ -194,6 +194,7 @@ def _locked_run(osr: OsRoot, policy: Policy, jobs: int, services: Services,
         plan = verified.plan
         decide_plan(plan, policy)
         prior = history.prior_for(verified.sha256)
+        check_engine_paths(osr, plan, policy.engine_key.keyid)
         store = _fresh_store(osr)
         known: dict[str, StoredArtefact] = {}
         if prior is None:

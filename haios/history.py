@@ -159,6 +159,31 @@ def _engine_links(osr: OsRoot, plan: ExecPlan, keyid: str) -> list[str]:
     return [name for name in links.names() if name in wanted]
 
 
+def check_engine_paths(osr: OsRoot, plan: ExecPlan, engine_keyid: str) -> None:
+    """Every entry at an engine-owned path must be a plain, singly-linked file.
+
+    Checked before anything runs, on fresh and resumed runs alike, so a
+    planted symlink, FIFO, device, directory or hardlink is refused up front
+    (contract section 12) instead of being met while a step's outputs are
+    published.
+
+    Raises:
+        PathError: the first unexpected entry.
+    """
+    for name in (STATE_FILE, REGISTRY_FILE, AUDIT_FILE, METRICS_FILE):
+        osr.root.check_replaceable(name)
+    for name in ENGINE_DIRS:
+        sub = osr.optional_sub(name)
+        if sub is None:
+            continue
+        for entry in sub.names():
+            sub.check_replaceable(entry)
+    links = osr.optional_sub("links")
+    if links is not None:
+        for entry in _engine_links(osr, plan, engine_keyid):
+            links.check_replaceable(entry)
+
+
 def check_fresh_outputs(osr: OsRoot, plan: ExecPlan, engine_keyid: str,
                         *, state_allowed: bool) -> None:
     """On a fresh os_root, engine-owned paths must be empty (contract section 12).

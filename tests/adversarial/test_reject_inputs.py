@@ -229,3 +229,25 @@ def test_hostile_policy_is_exit_6(world: World, baseline: Path, mutation: str) -
         policy_file.write_text(policy_file.read_text() + '\n[ledger]\npath = "/var/lib/l"\n')
     assert_refused(world.run(baseline), 6, baseline)
     assert_refused(world.state(baseline), 6)
+
+
+@pytest.mark.parametrize("planted", ["logs/s1.out", "artefacts/out.txt", "cost/s1.json",
+                                     "metrics.prom"])
+def test_planted_symlink_on_resume_is_refused_before_anything_runs(
+        world: World, tmp_path: Path, planted: str) -> None:
+    document = baseline_plan()
+    document["steps"][0]["run"] = ["/bin/sh", "-c", "exit 1"]  # type: ignore[index]
+    root = world.os_root(document, {"data.csv": DATA})
+    assert world.run(root).code == 1  # history exists now: this is a resume
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    path = root / planted
+    path.parent.mkdir(exist_ok=True)
+    if path.exists():
+        path.unlink()
+    path.symlink_to(victim)
+    attempts = json.loads((root / "state.json").read_text())["steps"]["s1"]["attempts"]
+    result = world.run(root)
+    assert result.code == 3 and "symlink" in result.stderr, result.stderr
+    assert victim.read_text() == "precious"
+    assert json.loads((root / "state.json").read_text())["steps"]["s1"]["attempts"] == attempts
