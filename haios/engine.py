@@ -188,6 +188,7 @@ def _locked_run(osr: OsRoot, policy: Policy, jobs: int, services: Services,
     now = wall_clock()
     # (3) Verify: plan signature over the bytes read, schema, expiry, policy,
     #     history (no replay), engine outputs, inputs three ways (exit 3).
+    raw: bytes | None = None
     try:
         raw = read_plan_bytes(osr, policy)
         verified = verify_plan(osr, policy, raw, now, bus)
@@ -205,7 +206,7 @@ def _locked_run(osr: OsRoot, policy: Policy, jobs: int, services: Services,
         known.update(verify_inputs(osr, policy, plan, store, policy.engine_key.keyid, bus))
     except HaiosError as exc:
         if exc.exit_code == 3:
-            history.record_rejection(exc, raw if "raw" in locals() else None, signer)
+            history.record_rejection(exc, raw, signer)
         raise
     # (4) Environment: engine key, sandbox and Vault prerequisites (exit 6).
     if key_error is not None or signer is None:
