@@ -9,6 +9,7 @@ Does I/O.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, st
     Raises:
         HaiosError: a refusal (its exit code is the process's).
     """
-    from haios.metrics import MetricsRecorder
+    from haios.metrics import MetricsRecorder, is_loopback_host
 
     policy = load_policy(resolve_policy_dir(str(policy_option) if policy_option else None,
                                             environ))
@@ -85,6 +86,10 @@ def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, st
     recorder = MetricsRecorder()
     chosen = services or default_services()
     chosen.subscribers.append(recorder.on_event)  # after the audit log (engine subscribes)
+    if metrics_addr and not is_loopback_host(metrics_addr[0]):
+        # Metrics carry no secrets, but they describe the run; say so when exposed.
+        sys.stderr.write(f"haios: warning: serving metrics on non-loopback address "
+                         f"{metrics_addr[0]}\n")
     server = recorder.serve(*metrics_addr) if metrics_addr else None
     try:
         outcome = run_plan(os_root, policy, jobs=jobs, services=chosen, bus=bus)
