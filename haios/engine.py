@@ -20,7 +20,7 @@ from typing import Any
 
 from haios import events as ev
 from haios._util.safedir import SafeDir
-from haios.cost import BudgetLedger
+from haios.cost import BudgetLedger, Reservation
 from haios.decide.dag import dependents_closure, topological_order
 from haios.decide.plan_policy import decide_plan, step_uids
 from haios.errors import (
@@ -296,12 +296,13 @@ class Scheduler:
         self.graph = {s.id: tuple(s.needs) for s in ctx.plan.steps}
         self.halt: tuple[PlanStatus, str] | None = None
         self.fatal: HaiosError | None = None
+        self.dirty = False  # finished steps not yet in a signed state write
 
-    def _ready(self, running: set[str]) -> list[str]:
+    def _ready(self) -> list[str]:
         steps = self.keeper.steps
         return [
             step_id for step_id in self.order
-            if steps[step_id]["status"] == "pending" and step_id not in running
+            if steps[step_id]["status"] == "pending"
             and all(steps[need]["status"] == "succeeded" for need in self.graph[step_id])
         ]
 
@@ -324,16 +325,25 @@ class Scheduler:
             raise BudgetExhaustedError(f"budget exhausted: {unit}")
 
     def run(self) -> None:
-        """Run until every step is done or the plan halts."""
+        """Run until every step is done or the plan halts.
+
+        One signed state write per turn of the loop records both the steps
+        that just finished and the steps about to start, before any of the
+        latter can have an effect.
+        """
         running: dict[cf.Future[StepResult], str] = {}
         with cf.ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="step") as pool:
             while True:
-                if self.halt is None:
-                    for step_id in self._ready(set(running.values())):
-                        if len(running) >= self.jobs:
-                            break
-                        if not self._start(step_id, pool, running):
-                            break
+                starting = self._admit(len(running)) if self.halt is None else []
+                if starting or self.dirty:
+                    self.keeper.commit()  # durable before the new steps can act
+                    self.dirty = False
+                for step_id, reservation in starting:
+                    entry = self.keeper.steps[step_id]
+                    self.ctx.bus.publish(ev.STEP_STARTED, step_id=step_id,
+                                         profile=self.ctx.plan.step(step_id).profile,
+                                         attempt=entry["attempts"], uid=self.ctx.uids[step_id])
+                    running[pool.submit(self._attempt, step_id, reservation)] = step_id
                 if not running:
                     break
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
@@ -341,8 +351,21 @@ class Scheduler:
                     self._finish(running.pop(future), future)
         self._close_out()
 
-    def _start(self, step_id: str, pool: cf.ThreadPoolExecutor,
-               running: dict[cf.Future[StepResult], str]) -> bool:
+    def _admit(self, busy: int) -> list[tuple[str, Reservation]]:
+        """Mark the next ready steps `running` (not yet durable) with their reservations."""
+        admitted: list[tuple[str, Reservation]] = []
+        for step_id in self._ready():
+            if busy + len(admitted) >= self.jobs or not self._may_start(step_id):
+                break
+            reservation = self.ledger.reserve(self.jobs - busy - len(admitted))
+            entry = self.keeper.steps[step_id]
+            entry.update(status="running", attempts=entry["attempts"] + 1,
+                         started=format_rfc3339(wall_clock()), finished=None, reason=None)
+            admitted.append((step_id, reservation))
+        return admitted
+
+    def _may_start(self, step_id: str) -> bool:
+        """False (and the plan halts) when a kill flag, budget or failure forbids it."""
         try:
             self._check_start(step_id)
         except KilledError as exc:
@@ -355,15 +378,6 @@ class Scheduler:
             self._halt("failed", str(exc))
             self.fatal = self.fatal or exc
             return False
-        step = self.ctx.plan.step(step_id)
-        reservation = self.ledger.reserve(self.jobs - len(running))
-        entry = self.keeper.steps[step_id]
-        entry.update(status="running", attempts=entry["attempts"] + 1,
-                     started=format_rfc3339(wall_clock()), finished=None, reason=None)
-        self.keeper.commit()  # durable before the step can have any effect
-        self.ctx.bus.publish(ev.STEP_STARTED, step_id=step_id, profile=step.profile,
-                             attempt=entry["attempts"], uid=self.ctx.uids[step_id])
-        running[pool.submit(self._attempt, step_id, reservation)] = step_id
         return True
 
     def _attempt(self, step_id: str, reservation: Any) -> StepResult:
@@ -413,7 +427,7 @@ class Scheduler:
         if failure is not None:
             self._halt("failed", str(failure))
             self.fatal = self.fatal or failure
-        self.keeper.commit()
+        self.dirty = True
 
     def _finish_without_result(self, step_id: str, exc: HaiosError) -> None:
         """A step that raised instead of ending: killed at registration, or the
@@ -428,7 +442,7 @@ class Scheduler:
         self._halt("killed" if killed else "failed", str(exc))
         if not killed and exc.exit_code != EXIT_STEP_FAILED and self.fatal is None:
             self.fatal = exc  # the environment broke mid-run: exit with its code
-        self.keeper.commit()
+        self.dirty = True
 
     def _has_pending(self) -> bool:
         return any(e["status"] == "pending" for e in self.keeper.steps.values())
