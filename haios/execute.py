@@ -177,9 +177,17 @@ class StepExecutor:
         self._log_max = limits.log_max_bytes
         self._report_max = limits.cost_report_max_bytes
         self._depth = limits.json_max_depth
+        # Opened once per run (not per step): descriptors are a bounded resource.
+        self._private = {name: ctx.private.sub(name, create=True, mode=0o700)
+                         for name in ("work", "cost", "secret", "logs")}
 
     def _dirs(self, name: str) -> SafeDir:
-        return self.ctx.private.sub(name, create=True, mode=0o700)
+        return self._private[name]
+
+    def close(self) -> None:
+        """Close the private directories this executor opened."""
+        for directory in self._private.values():
+            directory.close()
 
     def execute(self, step: PlanStep, reservation: Reservation) -> StepResult:
         """Run one attempt of `step` and publish its outputs.

@@ -61,6 +61,7 @@ import dataclasses
 import fcntl
 import gc
 import os
+import resource
 import select
 import signal
 import struct
@@ -134,9 +135,14 @@ class _Init:
         os.setsid()
 
     def close_inherited(self) -> None:
+        pipes = dataclasses.astuple(self.pipes)
+        # Move the pipes high, but below the engine's soft descriptor limit:
+        # F_DUPFD fails with EINVAL at or above it.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        floor = min(FD_FLOOR, max(3, soft - len(pipes) - 1))
         moved = [
-            fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, FD_FLOOR + index)
-            for index, fd in enumerate(dataclasses.astuple(self.pipes))
+            fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor + index)
+            for index, fd in enumerate(pipes)
         ]
         self.pipes = ChildFds(*moved)
         fds.close_fds_except(tuple(moved))

@@ -227,3 +227,17 @@ def test_rejected_run_leaves_no_trace_and_later_plan_runs(world: World) -> None:
     assert traces(root) == []
     world.write_plan(root, baseline_plan())
     assert world.run(root).code == 0
+
+
+def test_many_steps_do_not_leak_descriptors(world: World) -> None:
+    """100 steps under a soft limit of 64 open files: a per-step descriptor leak fails."""
+    import resource
+
+    root = world.os_root(plan("fds", [step(f"s{i:03d}", ["/bin/true"]) for i in range(100)]))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "HAIOS_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "haios", "run", str(root), "--policy", str(world.policy)],
+        env=env, capture_output=True, text=True, timeout=300, check=False,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard)))
+    assert done.returncode == 0, done.stderr
