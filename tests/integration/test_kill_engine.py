@@ -11,12 +11,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
+from tests.adversarial.test_kill_support import marker_pids, wait_for
 from tests.world import World, plan, py, read_json, sh, step
 
 SPAWNER = r"""
@@ -40,29 +40,6 @@ for i in range(50):
 open("ready", "w").write("x")
 time.sleep(1000)
 """
-
-
-def marked(marker: str) -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes()
-                stat = Path(f"/proc/{entry.name}/stat").read_text()
-            except OSError:
-                continue
-            if marker.encode() in cmdline and stat[stat.rfind(")") + 2] != "Z":
-                pids.append(int(entry.name))
-    return pids
-
-
-def wait_for(predicate: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def start(world: World, root: Path) -> subprocess.Popen[str]:
@@ -89,13 +66,13 @@ def test_flag_kills_the_whole_tree(tmp_path: Path, marker: str, flag: str) -> No
     root = world.os_root(spawner_plan(marker))
     engine = start(world, root)
     try:
-        assert wait_for(lambda: len(marked(marker)) >= 50, 30), marked(marker)
+        assert wait_for(lambda: len(marker_pids(marker)) >= 50, 30), marker_pids(marker)
         (root / "control" / flag).write_text("stop")
         _, stderr = engine.communicate(timeout=60)
     finally:
         engine.kill()
     assert engine.returncode == 4, stderr
-    assert wait_for(lambda: not marked(marker), 5), marked(marker)
+    assert wait_for(lambda: not marker_pids(marker), 5), marker_pids(marker)
     state = read_json(root / "state.json")
     assert state["status"] == "killed" and state["steps"]["tree"]["status"] == "killed"
     kinds = [line for line in (root / "audit.jsonl").read_text().splitlines() if '"kill"' in line]
@@ -108,7 +85,7 @@ def test_step_flag_kills_only_that_step(tmp_path: Path, marker: str) -> None:
         step("other", sh("sleep 2; echo done > other.txt"), products=["other.txt"])]))
     engine = start(world, root)
     try:
-        assert wait_for(lambda: len(marked(marker)) >= 50, 30)
+        assert wait_for(lambda: len(marker_pids(marker)) >= 50, 30)
         (root / "control" / "KILL.tree").mkdir()
         _, stderr = engine.communicate(timeout=60)
     finally:
@@ -117,7 +94,7 @@ def test_step_flag_kills_only_that_step(tmp_path: Path, marker: str) -> None:
     steps = read_json(root / "state.json")["steps"]
     assert steps["tree"]["status"] == "killed"
     assert steps["other"]["status"] == "succeeded"  # running in parallel: finishes, recorded
-    assert not marked(marker)
+    assert not marker_pids(marker)
 
 
 def test_operator_extra_path_is_global(tmp_path: Path, marker: str) -> None:
@@ -127,13 +104,13 @@ def test_operator_extra_path_is_global(tmp_path: Path, marker: str) -> None:
     root = world.os_root(spawner_plan(marker))
     engine = start(world, root)
     try:
-        assert wait_for(lambda: len(marked(marker)) >= 50, 30)
+        assert wait_for(lambda: len(marker_pids(marker)) >= 50, 30)
         flag.write_text("")
         _, stderr = engine.communicate(timeout=60)
     finally:
         engine.kill()
     assert engine.returncode == 4, stderr
-    assert wait_for(lambda: not marked(marker), 5)
+    assert wait_for(lambda: not marker_pids(marker), 5)
     result = world.run(root)
     assert result.code == 4 and "KILL" in result.stderr  # refuses to start while set
 
@@ -145,17 +122,17 @@ def test_engine_sigkill_kills_the_tree_and_rerun_resumes(tmp_path: Path, marker:
     root = world.os_root(plan("crash", [first, tree]))
     engine = start(world, root)
     try:
-        assert wait_for(lambda: len(marked(marker)) >= 50, 30)
+        assert wait_for(lambda: len(marker_pids(marker)) >= 50, 30)
         os.kill(engine.pid, signal.SIGKILL)
         engine.wait()
     finally:
         engine.kill()
-    assert wait_for(lambda: not marked(marker), 10), marked(marker)
+    assert wait_for(lambda: not marker_pids(marker), 10), marker_pids(marker)
     # Resume: replace nothing; the tree step runs again and is killed by a per-step flag.
     one = (root / "artefacts" / "one.txt").read_bytes()
     engine = start(world, root)
     try:
-        assert wait_for(lambda: len(marked(marker)) >= 50, 30)
+        assert wait_for(lambda: len(marker_pids(marker)) >= 50, 30)
         (root / "control" / "KILL.tree").write_text("")
         engine.communicate(timeout=60)
     finally:
