@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from haios import events as ev
+from haios._util.clock import wall_clock
 from haios._util.safedir import SafeDir
 from haios.cost import BudgetLedger, Reservation
 from haios.decide.dag import dependents_closure, topological_order
@@ -33,7 +34,7 @@ from haios.errors import (
     HaiosError,
     KilledError,
 )
-from haios.execute import RunContext, StepExecutor, StepGuard, StepResult, wall_clock
+from haios.execute import RunContext, StepExecutor, StepGuard, StepResult
 from haios.history import History, check_engine_paths, check_fresh_outputs, verify_outputs
 from haios.intake import StoredArtefact, read_plan_bytes, verify_inputs, verify_plan
 from haios.journal_ingest import ingest_watchdog_journal
@@ -180,7 +181,7 @@ def _locked_run(osr: OsRoot, policy: Policy, jobs: int, services: Services,
     ingest_watchdog_journal(osr, bus)  # kills done while a previous engine was dead
     # (2) A global kill flag refuses the start (exit 4), before any input is read.
     flag = global_flag_present(osr.path / "control",
-                               [Path(p) for p in policy.file.kill_switch.extra_paths])
+                               policy.kill_paths)
     if flag is not None:
         bus.publish(ev.KILL_SWITCH, engaged=True, flag=Path(flag).name, scope="global")
         raise KilledError(f"kill switch {flag} is set; refusing to start")
@@ -315,7 +316,7 @@ class Scheduler:
             raise failure
         policy = self.ctx.policy
         control = self.ctx.osr.path / "control"
-        flag = global_flag_present(control, [Path(p) for p in policy.file.kill_switch.extra_paths])
+        flag = global_flag_present(control, policy.kill_paths)
         if flag is not None:
             raise KilledError(f"kill switch {flag} engaged")
         if step_flag_present(control, step_id):

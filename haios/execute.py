@@ -24,7 +24,6 @@ import datetime as dt
 import hashlib
 import os
 import shutil
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -389,8 +388,3 @@ class StepExecutor:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def wall_clock() -> dt.datetime:
-    """Now, in UTC (the one clock read the engine uses)."""
-    return dt.datetime.fromtimestamp(time.time(), dt.UTC)

@@ -193,7 +193,7 @@ class RunGuard:
                 if engagement.scope == "global" or engagement.step_id == step_id:
                     return _flag_name(engagement.flag)
         control = self.request.osr.path / "control"
-        extra = [Path(p) for p in self.request.policy.file.kill_switch.extra_paths]
+        extra = self.request.policy.kill_paths
         flag = global_flag_present(control, extra)
         if flag is not None:
             return _flag_name(flag)
@@ -278,7 +278,7 @@ def make_guard(request: GuardRequest) -> RunGuard:
     private = request.osr.path / ".haios"
     guard.watchdog = Watchdog.start(
         control_dir=request.osr.path / "control",
-        extra_paths=[Path(p) for p in request.policy.file.kill_switch.extra_paths],
+        extra_paths=request.policy.kill_paths,
         journal_path=private / "watchdog.jsonl",
         run_id=f"{request.run_id}-{os.getpid()}-{pyrandom.token_hex(3)}",
         on_kill=guard.on_kill, on_lost=guard.on_lost, on_engaged=guard.on_engaged,

@@ -16,9 +16,10 @@ import hashlib
 from typing import Any
 
 from haios import events as ev
+from haios._util.clock import wall_clock
 from haios._util.safedir import SafeDir
 from haios._util.strict_json import StrictJSONError, parse_strict_json
-from haios.errors import HaiosError, InputError, PathError, ReplayError, TamperedError
+from haios.errors import HaiosError, PathError, ReplayError, TamperedError
 from haios.intake import StoredArtefact, copy_into
 from haios.load.keys import TrustedRole
 from haios.load.policy import Policy
@@ -35,6 +36,7 @@ from haios.osroot import (
 )
 from haios.signing import EngineSigner
 from haios.state.store import read_signed, write_signed
+from haios.state.verify import verify_cost_record
 from haios.verify.dsse import verify_detached
 from haios.verify.links import verify_link
 
@@ -114,18 +116,12 @@ class History:
             "status": "rejected",
             "reason": str(exc)[:4000],
             "steps": {step_id: {} for step_id in steps},
-            "updated": format_rfc3339(_now()),
+            "updated": format_rfc3339(wall_clock()),
             "seq": (self.state.seq if self.state else 0) + 1,
             "audit": self.head(),
         })
         with contextlib.suppress(HaiosError, OSError):
             write_signed(self.osr.root, STATE_FILE, state, signer)
-
-
-def _now() -> Any:
-    from haios.execute import wall_clock
-
-    return wall_clock()
 
 
 def _plan_outline(raw: bytes | None) -> tuple[str, list[str]]:
@@ -216,7 +212,7 @@ def verify_outputs(osr: OsRoot, policy: Policy, plan: ExecPlan, prior: RunState,
     Raises:
         TamperedError: anything missing, altered, or not signed by the engine.
     """
-    engine = TrustedRole("engine", (policy.engine_key,), 1)
+    engine = policy.engine_role
     depth = policy.file.limits.json_max_depth
     known: dict[str, StoredArtefact] = {}
     osr.root.check_replaceable(METRICS_FILE)  # never write metrics through a planted link
@@ -240,7 +236,7 @@ def verify_outputs(osr: OsRoot, policy: Policy, plan: ExecPlan, prior: RunState,
                 known[name] = StoredArtefact(name, digest, size, f"step:{step.id}",
                                              (policy.engine_key.keyid,))
             _verify_engine_link(osr, step.id, policy, engine, entry.products)
-            _verify_cost_record(osr, step.id, engine, policy)
+            verify_cost_record(osr.sub("cost"), step.id, policy)
         if registry is not None and registry.plan_id != plan.plan_id:
             raise TamperedError("registry_map.json belongs to another plan")
     except TamperedError:
@@ -259,15 +255,3 @@ def _verify_engine_link(osr: OsRoot, step_id: str, policy: Policy, engine: Trust
                            max_depth=policy.file.limits.json_max_depth)
     if recorded != products:
         raise TamperedError(f"links/{name}: not the engine's link for the recorded products")
-
-
-def _verify_cost_record(osr: OsRoot, step_id: str, engine: TrustedRole, policy: Policy) -> None:
-    cost = osr.sub("cost")
-    name = f"{step_id}.json"
-    data = cost.read_bytes(name, max_bytes=policy.file.limits.cost_report_max_bytes * 16)
-    sig = cost.read_bytes(f"{name}.sig", max_bytes=policy.file.limits.sig_max_bytes)
-    try:
-        verify_detached(sig, engine, name=name, sha256=hashlib.sha256(data).hexdigest(),
-                        max_depth=policy.file.limits.json_max_depth)
-    except (InputError, HaiosError) as exc:
-        raise TamperedError(f"cost/{name}: {exc}") from exc

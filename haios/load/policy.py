@@ -42,6 +42,16 @@ class Policy:
     engine_key: SSlibKey
     profiles: dict[str, Profile]
 
+    @property
+    def engine_role(self) -> TrustedRole:
+        """The engine key as a one-key role, for verifying the engine's own outputs."""
+        return TrustedRole("engine", (self.engine_key,), 1)
+
+    @property
+    def kill_paths(self) -> list[Path]:
+        """The operator-wide kill flags (each counts as global)."""
+        return [Path(p) for p in self.file.kill_switch.extra_paths]
+
 
 def resolve_policy_dir(option: str | None, environ: dict[str, str]) -> Path:
     """`--policy`, then `$HAIOS_POLICY`, then /etc/haios/policy (contract section 2)."""

@@ -34,6 +34,17 @@ def read_signed(directory: SafeDir, name: str, model: type[M], key: SSlibKey) ->
     Raises:
         TamperedError: it exists but is unreadable, malformed or not signed by `key`.
     """
+    found = read_signed_document(directory, name, model, key)
+    return None if found is None else found[0]
+
+
+def read_signed_document(directory: SafeDir, name: str, model: type[M], key: SSlibKey
+                         ) -> tuple[M, dict[str, Any]] | None:
+    """As `read_signed`, also returning the verified JSON object itself (read once).
+
+    Raises:
+        TamperedError: as `read_signed`.
+    """
     if directory.lstat(name) is None:
         return None
     try:
@@ -42,7 +53,7 @@ def read_signed(directory: SafeDir, name: str, model: type[M], key: SSlibKey) ->
         if not isinstance(document, dict):
             raise TamperedError(f"{name}: not a JSON object")
         verify_embedded(document, key, label=name)
-        return validate_model(model, document, label=name)
+        return validate_model(model, document, label=name), document
     except TamperedError:
         raise
     except InputError as exc:
