@@ -23,6 +23,7 @@ import json
 import math
 from typing import Any, ClassVar, Final
 
+from haios._util.strict_json import StrictJSONError, parse_strict_json
 from haios.errors import InternalError
 
 MAX_LINE_BYTES: Final = 64 * 1024
@@ -209,21 +210,6 @@ def encode(message: Message) -> bytes:
     return data
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """object_pairs_hook: refuse duplicate keys (JSON parser differential)."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise InternalError(f"duplicate key {key!r} in watchdog message")
-        out[key] = value
-    return out
-
-
-def _reject_constant(name: str) -> None:
-    """parse_constant hook: refuse NaN, Infinity, -Infinity."""
-    raise InternalError(f"non-finite number {name} in watchdog message")
-
-
 def _check_value(kind: str, value: Any, name: str) -> Any:
     """Check one field against its annotation; return it in its final type."""
     optional = kind.endswith(" | None")
@@ -263,12 +249,8 @@ def decode(line: bytes) -> Message:
     if len(line) > MAX_LINE_BYTES:
         raise InternalError("watchdog message too long")
     try:
-        body = json.loads(
-            line.decode("utf-8"),
-            object_pairs_hook=_reject_duplicates,
-            parse_constant=_reject_constant,
-        )
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        body = parse_strict_json(line.rstrip(b"\n"))
+    except StrictJSONError as e:
         raise InternalError(f"malformed watchdog message: {e}") from e
     if not isinstance(body, dict):
         raise InternalError("watchdog message is not a JSON object")
