@@ -8,6 +8,12 @@ rounds so that background noise hits every tool alike:
 - haios-direct: `NamespaceRunner()` forking from this (engine) process;
 - haios-launcher: `NamespaceRunner(launcher=Launcher.start())`, forking from
   the small pre-started launcher process;
+- haios-full: haios-launcher plus everything else the engine now does per
+  step around the launch: a uid lease from the host pool and the step's
+  memory/pids cgroups (created, joined, removed);
+- stepfs-only, cgroups-only, uid-lease-only: those per-step costs alone,
+  without a launch (each haios launch already includes a fresh detached
+  workspace and cost tmpfs and two memfd captures);
 - bwrap: ``bwrap --unshare-all --die-with-parent --ro-bind / / true``;
 - firejail: ``firejail --noprofile --quiet true``;
 - in-toto-run: ``in-toto-run -n bench --signing-key KEY -d DIR -- /bin/true``
@@ -46,14 +52,18 @@ from haios.sandbox.launcher import Launcher
 
 LAUNCHER = Launcher.start()
 
+from haios._util.safedir import SafeDir  # noqa: E402
+from haios.sandbox.cglimits import StepLimits  # noqa: E402
 from haios.sandbox.profile import load_profile  # noqa: E402
 from haios.sandbox.runner import NamespaceRunner  # noqa: E402
 from haios.sandbox.spec import StepSpec  # noqa: E402
+from haios.sandbox.stepfs import StepMounts, open_capture  # noqa: E402
+from haios.sandbox.uidpool import UidPool  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ROUNDS = 4
 BIG_RSS_BYTES = 460 * 1024 * 1024
-UID = 190_001
+UID = 190_001  # the start of a 64-uid pool for the leases
 
 Launch = Callable[[], object]
 
@@ -71,49 +81,91 @@ class HaiosLaunches:
 
     def __init__(self, scratch: Path) -> None:
         self.profile = load_profile(REPO / "policy", "default")
-        self.scratch = scratch
-        self.workspace = scratch / "work"
-        self.cost = scratch / "cost"
-        for path in (self.workspace, self.cost):
-            path.mkdir()
-            os.chown(path, UID, UID)
+        lease_dir = scratch / "uids"
+        lease_dir.mkdir(mode=0o700)
+        self.pool = UidPool(SafeDir.open(lease_dir), UID, 64)
         self.counter = 0
 
-    def spec(self) -> StepSpec:
-        """A fresh spec (new output files) for one launch."""
+    def mounts(self, uid: int) -> StepMounts:
+        """The step's fresh workspace and cost filesystems, as the engine makes them."""
+        fs = self.profile.filesystem
+        return StepMounts.create(uid, uid, workspace_bytes=fs.workspace_size_bytes,
+                                 workspace_inodes=fs.workspace_inodes, with_secret=False)
+
+    def spec(self, uid: int, stack: contextlib.ExitStack,
+             limit_cgroups: tuple[Path, ...] = ()) -> StepSpec:
+        """A fresh spec (new filesystems and captures) for one launch."""
         self.counter += 1
+        step_fs = stack.enter_context(contextlib.closing(self.mounts(uid)))
+        captures = (open_capture("out"), open_capture("err"))
+        for fd in captures:
+            stack.callback(os.close, fd)
         return StepSpec(
             plan_id="bench",
             step_id="true",
             argv=("/bin/true",),
             env={"PATH": "/usr/bin:/bin", "HOME": "/haios/work"},
-            workspace=self.workspace,
-            cost_dir=self.cost,
-            secret_dir=None,
+            mounts=step_fs,
             profile=self.profile,
-            uid=UID,
-            gid=UID,
+            uid=uid,
+            gid=uid,
             timeout_seconds=30.0,
             cpu_seconds_limit=None,
-            stdout_path=self.scratch / f"out.{self.counter}",
-            stderr_path=self.scratch / f"err.{self.counter}",
+            stdout_fd=captures[0],
+            stderr_fd=captures[1],
             output_limit_bytes=4096,
             cgroup=None,
+            limit_cgroups=limit_cgroups,
         )
 
-    def runner(self, runner: NamespaceRunner) -> Launch:
-        """A launch function that checks the step really ran."""
+    def runner(self, runner: NamespaceRunner, *, full: bool = False) -> Launch:
+        """A launch function that checks the step really ran.
+
+        With `full`, the uid is leased and the memory/pids cgroups are made
+        and removed around the launch, as the engine does for every step.
+        """
 
         def launch() -> object:
-            spec = self.spec()
-            outcome = runner.run(spec)
-            if outcome.exit_code != 0:
-                raise RuntimeError(f"sandboxed /bin/true failed: {outcome}")
-            spec.stdout_path.unlink()
-            spec.stderr_path.unlink()
-            return outcome
+            with contextlib.ExitStack() as stack:
+                uid = UID
+                limits: tuple[Path, ...] = ()
+                if full:
+                    lease = self.pool.lease(5.0)
+                    stack.callback(lease.release)
+                    uid = lease.uid
+                    bounds = self.bounds()
+                    stack.callback(bounds.remove)
+                    limits = bounds.directories
+                outcome = runner.run(self.spec(uid, stack, limits))
+                if outcome.exit_code != 0:
+                    raise RuntimeError(f"sandboxed /bin/true failed: {outcome}")
+                return outcome
 
         return launch
+
+    def bounds(self) -> StepLimits:
+        """The step's memory and pids cgroups from the profile."""
+        limits = self.profile.cgroup
+        return StepLimits.create("bench", f"true-{self.counter}", limits.memory_max_bytes,
+                                 limits.pids_max)
+
+    def stepfs_only(self) -> object:
+        """Create and drop the step's filesystems and captures, no launch."""
+        with contextlib.ExitStack() as stack:
+            return self.spec(UID, stack)
+
+    def cgroups_only(self) -> object:
+        """Create and remove the step's limit cgroups, no launch."""
+        self.counter += 1
+        bounds = self.bounds()
+        bounds.remove()
+        return bounds
+
+    def lease_only(self) -> object:
+        """Lease and release one uid from the pool (scans /proc), no launch."""
+        lease = self.pool.lease(5.0)
+        lease.release()
+        return lease
 
 
 def command(argv: list[str]) -> Launch:
@@ -220,6 +272,10 @@ def main() -> None:
             "subprocess": command(["/bin/true"]),
             "haios-direct": haios.runner(NamespaceRunner()),
             "haios-launcher": haios.runner(NamespaceRunner(launcher=LAUNCHER)),
+            "haios-full": haios.runner(NamespaceRunner(launcher=LAUNCHER), full=True),
+            "stepfs-only": haios.stepfs_only,
+            "cgroups-only": haios.cgroups_only,
+            "uid-lease-only": haios.lease_only,
         }
         counts = dict.fromkeys(launches, args.count)
         for tool, argv in (

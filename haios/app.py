@@ -9,6 +9,7 @@ Does I/O.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +18,10 @@ from typing import Any
 from haios import events as ev
 from haios._util.safedir import SafeDir
 from haios.engine import GuardRequest, Services, run_plan
-from haios.errors import BusyError, HaiosError
-from haios.execute import StepGuard
+from haios.errors import HaiosError
+from haios.execute import StepBounds, StepGuard, TreeTracker
 from haios.load.policy import Policy, load_policy, resolve_policy_dir
-from haios.models.plan import ExecPlan
+from haios.models.plan import ExecPlan, PlanStep
 from haios.osroot import METRICS_FILE, STATE_FILE, OsRoot
 from haios.sandbox.spec import StepOutcome, StepRunner, StepSpec
 
@@ -65,9 +66,28 @@ def _preflight(policy: Policy, plan: ExecPlan) -> None:
     preflight(policy, plan)
 
 
+def _bounds(policy: Policy, run_id: str) -> Callable[[PlanStep, Path | None], StepBounds]:
+    from haios.sandbox.cglimits import StepLimits
+
+    def create(step: PlanStep, kill_cgroup: Path | None) -> StepBounds:
+        limits = policy.profiles[step.profile].cgroup
+        return StepLimits.create(run_id, step.id, limits.memory_max_bytes, limits.pids_max,
+                                 kill_cgroup=kill_cgroup)
+
+    return create
+
+
+def _trees() -> TreeTracker:
+    from haios.sandbox.treewatch import TreeWatch
+
+    return TreeWatch.start()
+
+
 def default_services() -> Services:
-    """The production parts: namespace sandbox, watchdog + Vault guard (imported lazily)."""
-    return Services(runner_factory=_runner, guard_factory=_guard, preflight=_preflight)
+    """The production parts: namespace sandbox, watchdog + Vault guard, uid pool,
+    tree-wide limits and SIGSYS watch (imported lazily)."""
+    return Services(runner_factory=_runner, guard_factory=_guard, preflight=_preflight,
+                    bounds_factory=_bounds, tree_tracker=_trees)
 
 
 def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, str], *,
@@ -90,24 +110,21 @@ def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, st
         # Metrics carry no secrets, but they describe the run; say so when exposed.
         sys.stderr.write(f"haios: warning: serving metrics on non-loopback address "
                          f"{metrics_addr[0]}\n")
+    # metrics.prom goes through the os_root descriptor the run holds, under
+    # its lock, never through the path again (a busy refusal writes nothing).
+    chosen.finish = functools.partial(_write_metrics, recorder)
     server = recorder.serve(*metrics_addr) if metrics_addr else None
     try:
         outcome = run_plan(os_root, policy, jobs=jobs, services=chosen, bus=bus)
-        _write_metrics(os_root, recorder)
         return outcome.exit_code, outcome.state, outcome.message
-    except BusyError:
-        raise  # another run owns os_root: write nothing into it
-    except HaiosError:
-        _write_metrics(os_root, recorder)
-        raise
     finally:
         if server is not None:
             server.close()
 
 
-def _write_metrics(os_root: Path, recorder: Any) -> None:
+def _write_metrics(recorder: Any, root: SafeDir) -> None:
     """Write metrics.prom at the end of the run (best effort after a refusal)."""
-    with contextlib.suppress(HaiosError, OSError), SafeDir.open(os_root, label="os_root") as root:
+    with contextlib.suppress(HaiosError, OSError):
         recorder.write_textfile(root.fd, METRICS_FILE)
 
 

@@ -10,9 +10,9 @@ runs nothing. Does I/O through the modules it calls.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import datetime as dt
-import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +21,10 @@ from typing import Any
 from haios import events as ev
 from haios._util.clock import wall_clock
 from haios._util.safedir import SafeDir
+from haios.area import RunArea
 from haios.cost import BudgetLedger, Reservation
 from haios.decide.dag import dependents_closure, topological_order
-from haios.decide.plan_policy import decide_plan, step_uids
+from haios.decide.plan_policy import decide_plan
 from haios.errors import (
     EXIT_BUDGET,
     EXIT_KILLED,
@@ -34,13 +35,21 @@ from haios.errors import (
     HaiosError,
     KilledError,
 )
-from haios.execute import RunContext, StepExecutor, StepGuard, StepResult
+from haios.execute import (
+    RunContext,
+    StepBounds,
+    StepExecutor,
+    StepGuard,
+    StepResult,
+    TreeTracker,
+    UidSource,
+)
 from haios.history import History, check_engine_paths, check_fresh_outputs, verify_outputs
 from haios.intake import StoredArtefact, read_plan_bytes, verify_inputs, verify_plan
 from haios.journal_ingest import ingest_watchdog_journal
 from haios.load.policy import Policy
 from haios.models.common import format_rfc3339
-from haios.models.plan import ExecPlan
+from haios.models.plan import ExecPlan, PlanStep
 from haios.models.state import (
     STATE_SCHEMA,
     CostTotals,
@@ -49,11 +58,14 @@ from haios.models.state import (
     StepState,
     StepStatus,
 )
-from haios.osroot import LOCK_FILE, STATE_FILE, OsRoot
+from haios.osroot import STATE_FILE, OsRoot
 from haios.registry import write_registry
 from haios.sandbox.spec import StepRunner
 from haios.signing import EngineSigner
 from haios.state.store import write_signed
+
+#: makes one step's limits, given the step and its kill cgroup (if any)
+BoundsFactory = Callable[[PlanStep, Path | None], StepBounds]
 
 
 @dataclasses.dataclass
@@ -64,6 +76,14 @@ class Services:
     guard_factory: Callable[[GuardRequest], StepGuard]
     preflight: Callable[[Policy, ExecPlan], None]
     subscribers: list[ev.Subscriber] = dataclasses.field(default_factory=list)
+    #: the step identity pool, given the area's uid lease directory
+    uid_source: Callable[[Policy, SafeDir], UidSource] | None = None
+    #: per-step memory/process limits, given the policy and the run id
+    bounds_factory: Callable[[Policy, str], BoundsFactory] | None = None
+    #: a watcher of whole step trees (SIGSYS anywhere in them), started per run
+    tree_tracker: Callable[[], TreeTracker] | None = None
+    #: called with the os_root descriptor as the run ends, lock still held
+    finish: Callable[[SafeDir], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +95,8 @@ class GuardRequest:
     plan: ExecPlan
     bus: ev.EventBus
     run_id: str
+    #: where the watchdog journals kills (inside the engine's run area)
+    journal_path: Path
     #: Vault accessors a previous run recorded as not yet revoked
     leftover_accessors: tuple[str, ...] = ()
     #: durably records a token accessor in state before the token is handed out
@@ -160,16 +182,22 @@ def run_plan(path: Path, policy: Policy, *, jobs: int, services: Services,
     Raises:
         HaiosError: every refusal, with the contract's exit code.
     """
-    # (1) os_root opened without following links; one run at a time (exit 7).
+    # (1) os_root opened without following links; its private run area,
+    #     outside os_root, locked: one run at a time (exit 7).
     osr = OsRoot(path)
     try:
-        with osr.root.exclusive_lock(LOCK_FILE):
-            return _locked_run(osr, policy, jobs, services, bus)
+        area = RunArea.acquire(Path(policy.file.engine.state_dir), osr.root.fd)
+        try:
+            return _locked_run(osr, area, policy, jobs, services, bus)
+        finally:
+            if services.finish is not None:
+                services.finish(osr.root)
+            area.close()
     finally:
         osr.close()
 
 
-def _locked_run(osr: OsRoot, policy: Policy, jobs: int, services: Services,
+def _locked_run(osr: OsRoot, area: RunArea, policy: Policy, jobs: int, services: Services,
                 bus: ev.EventBus) -> RunOutcome:
     from haios.watchdog.flags import global_flag_present
 
@@ -178,7 +206,7 @@ def _locked_run(osr: OsRoot, policy: Policy, jobs: int, services: Services,
     history = History.open(osr, policy, bus)
     for subscriber in services.subscribers:
         bus.subscribe(subscriber)
-    ingest_watchdog_journal(osr, bus)  # kills done while a previous engine was dead
+    ingest_watchdog_journal(area, bus)  # kills done while a previous engine was dead
     # (2) A global kill flag refuses the start (exit 4), before any input is read.
     flag = global_flag_present(osr.path / "control",
                                policy.kill_paths)
@@ -197,7 +225,7 @@ def _locked_run(osr: OsRoot, policy: Policy, jobs: int, services: Services,
         decide_plan(plan, policy)
         prior = history.prior_for(verified.sha256)
         check_engine_paths(osr, plan, policy.engine_key.keyid)
-        store = _fresh_store(osr)
+        store = area.fresh_store()
         known: dict[str, StoredArtefact] = {}
         if prior is None:
             check_fresh_outputs(osr, plan, policy.engine_key.keyid,
@@ -218,8 +246,12 @@ def _locked_run(osr: OsRoot, policy: Policy, jobs: int, services: Services,
         bus.publish(ev.RUN_FINISHED, status="succeeded", reason="already succeeded")
         return RunOutcome(EXIT_OK, prior.model_dump(mode="json", by_alias=True),
                           "plan already succeeded; nothing to run")
-    return _execute(osr, policy, plan, verified.sha256, prior, signer, store, known, jobs,
-                    services, bus, history)
+    try:
+        return _execute(osr, area, policy, plan, verified.sha256, prior, signer, store, known,
+                        jobs, services, bus, history)
+    finally:
+        store.close()
+        area.drop_store()
 
 
 def _load_signer(policy: Policy) -> tuple[EngineSigner | None, HaiosError | None]:
@@ -229,14 +261,7 @@ def _load_signer(policy: Policy) -> tuple[EngineSigner | None, HaiosError | None
         return None, exc
 
 
-def _fresh_store(osr: OsRoot) -> SafeDir:
-    private = osr.private()
-    if private.lstat("store") is not None:
-        shutil.rmtree("store", dir_fd=private.fd)
-    return private.sub("store", create=True, mode=0o700)
-
-
-def _execute(osr: OsRoot, policy: Policy, plan: ExecPlan, plan_sha256: str,
+def _execute(osr: OsRoot, area: RunArea, policy: Policy, plan: ExecPlan, plan_sha256: str,
              prior: RunState | None, signer: EngineSigner, store: SafeDir,
              known: dict[str, StoredArtefact], jobs: int, services: Services,
              bus: ev.EventBus, history: History) -> RunOutcome:
@@ -253,23 +278,27 @@ def _execute(osr: OsRoot, policy: Policy, plan: ExecPlan, plan_sha256: str,
     keeper.commit()
     leftovers = (*keeper.sessions,
                  *(a for entry in keeper.steps.values() for a in entry["token_accessors"]))
-    guard = services.guard_factory(GuardRequest(osr, policy, plan, bus, plan_sha256[:12],
-                                                leftovers, keeper.record_accessor,
-                                                keeper.record_session))
-    try:
+    with contextlib.ExitStack() as parts:
+        guard = services.guard_factory(GuardRequest(osr, policy, plan, bus, plan_sha256[:12],
+                                                    area.journal_path("watchdog.jsonl"),
+                                                    leftovers, keeper.record_accessor,
+                                                    keeper.record_session))
+        parts.callback(_close, guard)  # stops the watchdog (closed last)
         runner = services.runner_factory(policy)
-    except BaseException:
-        _close(guard)
-        raise
-    ctx = RunContext(osr, policy, plan, signer, runner, guard, bus,
-                     store, osr.private(), step_uids(plan, order, policy), wall_clock,
-                     {name: item.sha256 for name, item in known.items()})
-    scheduler = Scheduler(ctx, keeper, ledger, order, jobs, known)
-    try:
+        parts.callback(_close, runner)  # stops the launcher
+        trees = services.tree_tracker() if services.tree_tracker is not None else None
+        parts.callback(_close, trees)
+        uid_dir = parts.enter_context(area.uid_dir())
+        ctx = RunContext(
+            osr, policy, plan, signer, runner, guard, bus, store,
+            uids=(services.uid_source(policy, uid_dir) if services.uid_source is not None
+                  else _pool(policy, uid_dir)),
+            now=wall_clock, digests={name: item.sha256 for name, item in known.items()},
+            bounds=(services.bounds_factory(policy, plan_sha256[:12])
+                    if services.bounds_factory is not None else None),
+            trees=trees)
+        scheduler = Scheduler(ctx, keeper, ledger, order, jobs, known)
         scheduler.run()
-    finally:
-        _close(guard)  # stops the watchdog
-        _close(runner)  # stops the launcher
     write_registry(osr, plan, known, signer)
     bus.publish(ev.RUN_FINISHED, status=keeper.status, reason=keeper.reason)
     document = keeper.commit()
@@ -277,6 +306,13 @@ def _execute(osr: OsRoot, policy: Policy, plan: ExecPlan, plan_sha256: str,
         raise scheduler.fatal
     return RunOutcome(STATUS_EXIT.get(keeper.status, EXIT_STEP_FAILED), document,
                       keeper.reason or f"plan {keeper.status}")
+
+
+def _pool(policy: Policy, uid_dir: SafeDir) -> UidSource:
+    from haios.sandbox.uidpool import UidPool
+
+    sandbox = policy.file.sandbox
+    return UidPool(uid_dir, sandbox.uid_base, sandbox.uid_count)
 
 
 def _close(part: object) -> None:
@@ -343,7 +379,7 @@ class Scheduler:
                     entry = self.keeper.steps[step_id]
                     self.ctx.bus.publish(ev.STEP_STARTED, step_id=step_id,
                                          profile=self.ctx.plan.step(step_id).profile,
-                                         attempt=entry["attempts"], uid=self.ctx.uids[step_id])
+                                         attempt=entry["attempts"])
                     running[pool.submit(self._attempt, step_id, reservation)] = step_id
                 if not running:
                     break
@@ -413,6 +449,7 @@ class Scheduler:
         for unit, value in self.ledger.remaining().items():
             self.ctx.bus.publish(ev.BUDGET_REMAINING, unit=unit, value=value)
         self.ctx.bus.publish(ev.STEP_FINISHED, step_id=step_id, status=result.status,
+                             uid=result.uid,
                              exit_code=result.exit_code, profile=step.profile,
                              wall_seconds=result.wall_seconds, reason=result.reason)
         if result.status == "killed":

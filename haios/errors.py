@@ -162,6 +162,12 @@ class SandboxSetupError(EnvironmentUnavailableError):
     reason = "sandbox"
 
 
+class CopyError(EnvironmentUnavailableError):
+    """A copy could not be written (the destination is full or out of inodes)."""
+
+    reason = "copy_failed"
+
+
 class VaultUnavailableError(EnvironmentUnavailableError):
     """Vault/OpenBao is unreachable or the engine token cannot issue tokens."""
 

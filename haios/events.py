@@ -19,8 +19,9 @@ from typing import Any, Final
 RUN_STARTED: Final = "run.started"  # plan_id, plan_sha256, jobs
 VERIFICATION: Final = "verification"  # kind (plan|artefact|link|digest), result (ok|fail), subject
 REJECTION: Final = "rejection"  # reason (short label), message
-STEP_STARTED: Final = "step.started"  # step_id, profile, attempt, uid
-STEP_FINISHED: Final = "step.finished"  # step_id, status, exit_code, profile, wall_seconds, reason
+STEP_STARTED: Final = "step.started"  # step_id, profile, attempt
+# step_id, status, uid (the leased uid), exit_code, profile, wall_seconds, reason
+STEP_FINISHED: Final = "step.finished"
 SANDBOX_VIOLATION: Final = "sandbox.violation"  # step_id, kind
 COST_RECORDED: Final = "cost.recorded"  # step_id, cpu_seconds, wall_seconds, usd, tokens
 BUDGET_REMAINING: Final = "budget.remaining"  # unit, value (float, or None when unlimited)

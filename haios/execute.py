@@ -5,25 +5,32 @@ Order for one step (each line says why it comes where it does):
 
 1. Reserve budget and record the step `running` durably (a crash after this
    point is visible on resume).
-2. Build a fresh private workspace and copy the verified materials in from
-   the engine's store (never from client-writable paths).
-3. Issue the scoped Vault token, if any (while nothing of the step runs yet).
-4. Run the step confined, wait until its whole tree is gone.
-5. Revoke the token whatever happened.
-6. Collect products from the dead workspace (regular files only, capped),
+2. Lease a uid no other live step on the host holds (sandbox/uidpool.py).
+3. Create the step's filesystems (workspace, cost dir, secret) as detached
+   tmpfs mounts that no host path names (sandbox/stepfs.py), and its memory
+   and process limits (sandbox/cglimits.py); copy the verified materials in
+   from the engine's store (never from client-writable paths).
+4. Issue the scoped Vault token, if any, into the secret filesystem
+   (while nothing of the step runs yet).
+5. Run the step confined, wait until its whole tree is gone; every process
+   of the tree that died of SIGSYS is a violation (sandbox/treewatch.py).
+6. Revoke the token whatever happened.
+7. Collect products from the dead workspace (regular files only, capped),
    hash the copy in the store, then publish artefacts, signatures, cost
    record, link and logs.
+8. Drop the filesystems (whatever the step left dies with them), remove
+   the limit cgroups, release the uid.
 
-Does I/O (os_root, the private area) through SafeDir; the runner forks.
+Does I/O (os_root, the engine's store) through SafeDir; the runner forks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +39,7 @@ from haios import events as ev
 from haios._util.safedir import SafeDir
 from haios._util.strict_json import dump_json
 from haios.cost import Reservation
-from haios.errors import HaiosError, InputError, PathError
+from haios.errors import CopyError, HaiosError, InputError, PathError, StepFailedError
 from haios.intake import copy_into
 from haios.load.parse import parse_model
 from haios.load.policy import Policy
@@ -49,16 +56,25 @@ from haios.sandbox.spec import (
     StepRunner,
     StepSpec,
 )
+from haios.sandbox.stepfs import StepMounts, open_capture, read_capture
 from haios.signing import EngineSigner
 
 STEP_PATH = "/usr/bin:/bin"
+#: how long a step may wait for a free uid when the host's pool is in use
+UID_LEASE_TIMEOUT_SECONDS = 30.0
+#: the tree's exit events are queued before the init's exit is visible
+TREE_SETTLE_SECONDS = 5.0
 
 
 class StepGuard(Protocol):
     """Kill-switch and secret hooks around one step (watchdog, Vault)."""
 
-    def before(self, step: PlanStep, uid: int, gid: int, secret_dir: str) -> StepGrant:
-        """Prepare external resources for the step; raise a HaiosError to refuse."""
+    def before(self, step: PlanStep, uid: int, gid: int, secret_fd: int | None) -> StepGrant:
+        """Prepare external resources for the step; raise a HaiosError to refuse.
+
+        `secret_fd` is the root of the step's secret filesystem (a Vault
+        scope's token goes there), or None when the step has no scope.
+        """
         ...
 
     def after(self, step: PlanStep, grant: StepGrant) -> None:
@@ -86,7 +102,7 @@ class StepGrant:
 class NoGuard:
     """A guard for runs with no watchdog and no Vault (unit tests of the executor)."""
 
-    def before(self, step: PlanStep, uid: int, gid: int, secret_dir: str) -> StepGrant:
+    def before(self, step: PlanStep, uid: int, gid: int, secret_fd: int | None) -> StepGrant:
         """Nothing to prepare."""
         return StepGrant()
 
@@ -122,6 +138,70 @@ class StepResult:
     killed_by: str | None = None
     violation: str | None = None
     accessor: str | None = None
+    #: the uid the attempt ran as (leased for it alone; in the audit log)
+    uid: int | None = None
+
+
+class UidLease(Protocol):
+    """One leased step identity (uid == gid), held until `release`."""
+
+    @property
+    def uid(self) -> int:
+        """The leased uid (also the gid)."""
+        ...
+
+    def release(self) -> None:
+        """Give the uid back (only once the step's tree is gone)."""
+        ...
+
+
+class UidSource(Protocol):
+    """Where step identities come from (the host-wide pool)."""
+
+    def lease(self, timeout_seconds: float) -> UidLease:
+        """A uid no other live step on the host holds; raise a HaiosError if none."""
+        ...
+
+
+class StepBounds(Protocol):
+    """Tree-wide limits of one step (cgroups), removed after it."""
+
+    @property
+    def directories(self) -> tuple[Path, ...]:
+        """cgroup directories the step's init joins."""
+        ...
+
+    def violations(self) -> tuple[str, ...]:
+        """Limits the tree hit ("memory", "processes")."""
+        ...
+
+    def remove(self) -> None:
+        """Remove the limit cgroups (the tree is dead)."""
+        ...
+
+
+class TreeTracker(Protocol):
+    """Follows one step's process tree for deaths the init cannot see."""
+
+    def track(self, root_pid: int) -> TrackedTree:
+        """Start following the tree of `root_pid`."""
+        ...
+
+
+class TrackedTree(Protocol):
+    """One followed tree."""
+
+    def wait_settled(self, timeout: float) -> None:
+        """Wait until every exit of the tree has been seen."""
+        ...
+
+    def sigsys_deaths(self) -> int:
+        """How many processes of the tree died of SIGSYS."""
+        ...
+
+    def close(self) -> None:
+        """Stop following."""
+        ...
 
 
 @dataclasses.dataclass
@@ -136,20 +216,14 @@ class RunContext:
     guard: StepGuard
     bus: ev.EventBus
     store: SafeDir
-    private: SafeDir
-    uids: Mapping[str, int]
+    uids: UidSource
     now: Callable[[], dt.datetime]
     #: artefact name -> sha256 of the verified copy in `store` (inputs, products)
     digests: dict[str, str]
-
-
-def _fresh_dir(parent: SafeDir, name: str, uid: int, gid: int, mode: int) -> SafeDir:
-    if parent.lstat(name) is not None:
-        shutil.rmtree(name, dir_fd=parent.fd)
-    child = parent.sub(name, create=True, mode=mode)
-    os.fchown(child.fd, uid, gid)
-    os.fchmod(child.fd, mode)
-    return child
+    #: creates a step's memory/process limits, given its kill cgroup; None: none
+    bounds: Callable[[PlanStep, Path | None], StepBounds] | None = None
+    #: sees SIGSYS deaths anywhere in a step's tree; None: the init's view only
+    trees: TreeTracker | None = None
 
 
 def step_environment(plan_id: str, step: PlanStep, extra: Mapping[str, str]) -> dict[str, str]:
@@ -176,90 +250,125 @@ class StepExecutor:
         self._log_max = limits.log_max_bytes
         self._report_max = limits.cost_report_max_bytes
         self._depth = limits.json_max_depth
-        # Opened once per run (not per step): descriptors are a bounded resource.
-        self._private = {name: ctx.private.sub(name, create=True, mode=0o700)
-                         for name in ("work", "cost", "secret", "logs")}
-
-    def _dirs(self, name: str) -> SafeDir:
-        return self._private[name]
 
     def close(self) -> None:
-        """Close the private directories this executor opened."""
-        for directory in self._private.values():
-            directory.close()
+        """Nothing outlives a step; kept for the scheduler's symmetry."""
 
     def execute(self, step: PlanStep, reservation: Reservation) -> StepResult:
         """Run one attempt of `step` and publish its outputs.
+
+        Cleanup runs in reverse order of setup: the filesystems and limit
+        cgroups go once the tree is dead, the uid last of all.
 
         Raises:
             HaiosError: the sandbox or an external resource could not be set
                 up (the step did not run), or an output could not be written.
         """
         ctx = self.ctx
-        uid = gid = ctx.uids[step.id]
-        work = _fresh_dir(self._dirs("work"), step.id, uid, gid, 0o700)
-        cost_dir = _fresh_dir(self._dirs("cost"), step.id, uid, gid, 0o700)
-        secret_root = self._dirs("secret")
-        if secret_root.lstat(step.id) is not None:
-            shutil.rmtree(step.id, dir_fd=secret_root.fd)
-        logs_dir = self._dirs("logs")
-        for stream in ("out", "err"):
-            logs_dir.unlink(f"{step.id}.{stream}")  # a previous attempt's capture
-        try:
-            self._copy_materials(step, work)
-            grant = ctx.guard.before(step, uid, gid, str(ctx.osr.path / ".haios/secret" / step.id))
+        profile = ctx.policy.profiles[step.profile]
+        with contextlib.ExitStack() as stack:
+            lease = ctx.uids.lease(UID_LEASE_TIMEOUT_SECONDS)
+            stack.callback(lease.release)
+            uid = gid = lease.uid
+            step_fs = StepMounts.create(
+                uid, gid, workspace_bytes=profile.filesystem.workspace_size_bytes,
+                workspace_inodes=profile.filesystem.workspace_inodes,
+                with_secret=step.vault_scope is not None)
+            stack.callback(step_fs.close)
+            captures = (open_capture(f"{step.id}.out"), open_capture(f"{step.id}.err"))
+            for fd in captures:
+                stack.callback(os.close, fd)
+            self._copy_materials(step, step_fs.workspace.dir)
+            secret_fd = None if step_fs.secret is None else step_fs.secret.dir.fd
+            grant = ctx.guard.before(step, uid, gid, secret_fd)
             try:
+                bounds = self._bounds(step, grant)
+                if bounds is not None:
+                    stack.callback(bounds.remove)
                 outcome, started, finished, confinement = self._run(
-                    step, reservation, grant, uid, gid)
+                    step, reservation, grant, uid, step_fs, captures, bounds)
             finally:
                 ctx.guard.after(step, grant)
-                if secret_root.lstat(step.id) is not None:
-                    shutil.rmtree(step.id, dir_fd=secret_root.fd)
             killed_by = ctx.guard.was_killed(step.id)
-            result = self._judge(step, reservation, outcome, started, finished, killed_by,
-                                 work, cost_dir, grant.accessor)
-            self._publish_logs(step.id, logs_dir)
+            result = dataclasses.replace(
+                self._judge(step, reservation, outcome, started, finished, killed_by,
+                            step_fs.workspace.dir, step_fs.cost.dir, grant.accessor),
+                uid=uid)
+            self._publish_logs(step.id, captures)
             self._publish_cost(step, result)
             if result.status == "succeeded":
                 self._publish_products(step, result, confinement)
             return result
-        finally:
-            work.close()
-            cost_dir.close()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # -- before the step -----------------------------------------------------
 
+    def _bounds(self, step: PlanStep, grant: StepGrant) -> StepBounds | None:
+        if self.ctx.bounds is None:
+            return None
+        return self.ctx.bounds(step, None if grant.cgroup is None else Path(grant.cgroup))
+
     def _copy_materials(self, step: PlanStep, work: SafeDir) -> None:
         for name in step.materials:
-            copy_into(self.ctx.store, name, work, max_bytes=self._product_max)
+            try:
+                copy_into(self.ctx.store, name, work, max_bytes=self._product_max)
+            except CopyError as exc:
+                raise StepFailedError(f"step {step.id}: material {name} does not fit in the "
+                                      "workspace (profile workspace_size_bytes/inodes)") from exc
 
     def _run(self, step: PlanStep, reservation: Reservation, grant: StepGrant, uid: int,
-             gid: int) -> tuple[StepOutcome, str, str, dict[str, Any]]:
+             step_fs: StepMounts, captures: tuple[int, int], bounds: StepBounds | None,
+             ) -> tuple[StepOutcome, str, str, dict[str, Any]]:
         ctx = self.ctx
-        root = ctx.osr.path / ".haios"
         profile = ctx.policy.profiles[step.profile]
         spec = StepSpec(
             plan_id=ctx.plan.plan_id,
             step_id=step.id,
             argv=tuple(step.run),
             env=step_environment(ctx.plan.plan_id, step, grant.env),
-            workspace=root / "work" / step.id,
-            cost_dir=root / "cost" / step.id,
-            secret_dir=(root / "secret" / step.id) if "HAIOS_VAULT_TOKEN_FILE" in grant.env
-            else None,
+            mounts=step_fs,
             profile=profile,
             uid=uid,
-            gid=gid,
+            gid=uid,
             timeout_seconds=reservation.timeout_seconds(step.timeout_seconds),
             cpu_seconds_limit=reservation.cpu_limit_seconds(profile.rlimits.cpu_seconds),
-            stdout_path=root / "logs" / f"{step.id}.out",
-            stderr_path=root / "logs" / f"{step.id}.err",
+            stdout_fd=captures[0],
+            stderr_fd=captures[1],
             output_limit_bytes=self._log_max,
             cgroup=None if grant.cgroup is None else Path(grant.cgroup),
+            limit_cgroups=() if bounds is None else bounds.directories,
         )
         started = format_rfc3339(ctx.now())
-        outcome = ctx.runner.run(spec)
-        return outcome, started, format_rfc3339(ctx.now()), confinement_record(spec)
+        trees: list[TrackedTree] = []
+
+        def follow(pid: int) -> None:
+            if ctx.trees is not None:
+                trees.append(ctx.trees.track(pid))
+
+        try:
+            outcome = ctx.runner.run(spec, on_start=follow)
+            outcome = _tree_violations(outcome, trees, bounds)
+        finally:
+            for tree in trees:
+                tree.close()
+        return outcome, started, format_rfc3339(ctx.now()), self._evidence(spec)
+
+    def _evidence(self, spec: StepSpec) -> dict[str, Any]:
+        """The confinement for the engine's link, with the identity as a lease.
+
+        The uid comes from the host-wide pool and differs from run to run;
+        the link names the pool, so links stay byte-identical whatever the
+        scheduling (contract section 4, `--jobs`), and the audit log's
+        `step.finished` record names the uid itself.
+        """
+        record = confinement_record(spec)
+        sandbox = self.ctx.policy.file.sandbox
+        record["identity"] = {
+            "uid": "leased for this step alone", "gid": "equal to the uid",
+            "pool": {"base": sandbox.uid_base, "count": sandbox.uid_count},
+            "supplementary_groups": [],
+        }
+        return record
 
     # -- after the step ------------------------------------------------------
 
@@ -333,18 +442,10 @@ class StepExecutor:
 
     # -- publishing ----------------------------------------------------------
 
-    def _publish_logs(self, step_id: str, logs_scratch: SafeDir) -> None:
+    def _publish_logs(self, step_id: str, captures: tuple[int, int]) -> None:
         logs = self.ctx.osr.sub("logs", create=True)
-        for stream in ("out", "err"):
-            name = f"{step_id}.{stream}"
-            if logs_scratch.lstat(name) is None:
-                logs.write_atomic(name, b"")
-                continue
-            fd, size = logs_scratch.open_regular(name)
-            try:
-                logs.write_atomic_from(name, fd, min(size, self._log_max))
-            finally:
-                os.close(fd)
+        for stream, fd in zip(("out", "err"), captures, strict=True):
+            logs.write_atomic(f"{step_id}.{stream}", read_capture(fd, self._log_max))
 
     def _publish_cost(self, step: PlanStep, result: StepResult) -> None:
         record = CostRecord.model_validate({
@@ -384,6 +485,22 @@ class StepExecutor:
         )
         links = ctx.osr.sub("links", create=True)
         links.write_atomic(f"{step.id}.{ctx.signer.keyid[:8]}.link", link)
+
+
+def _tree_violations(outcome: StepOutcome, trees: list[TrackedTree],
+                     bounds: StepBounds | None) -> StepOutcome:
+    """Fold in what only the whole tree shows: SIGSYS deaths below the step's
+    main process, and memory or process limits hit anywhere in it."""
+    if outcome.violation is not None:
+        return outcome
+    for tree in trees:
+        tree.wait_settled(TREE_SETTLE_SECONDS)
+        if tree.sigsys_deaths() > 0:
+            return dataclasses.replace(outcome, violation="seccomp")
+    hit = bounds.violations() if bounds is not None else ()
+    if hit:
+        return dataclasses.replace(outcome, violation=hit[0])
+    return outcome
 
 
 def _sha256(data: bytes) -> str:

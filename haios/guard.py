@@ -3,9 +3,10 @@
 
 `RunGuard` is the production `StepGuard`: before a step it creates the
 step's cgroup and registers it with the watchdog, issues a token scoped to
-the step's Vault scope and writes it where only the step's uid can read
-it; after the step it unregisters and revokes the token by accessor,
-whatever the outcome. `preflight` checks, before anything runs, that the
+the step's Vault scope and writes it into the step's secret filesystem
+(a detached tmpfs no host path names), readable by the step's uid only;
+after the step it unregisters and revokes the token by accessor, whatever
+the outcome. `preflight` checks, before anything runs, that the
 sandbox and (when a step needs it) Vault are usable (exit 6). Does I/O.
 """
 
@@ -43,10 +44,17 @@ def preflight(policy: Policy, plan: ExecPlan, environ: Mapping[str, str] | None 
     """
     import os
 
+    from haios.sandbox.cglimits import check_enforceable
     from haios.sandbox.preflight import check_sandbox_prerequisites
+    from haios.sandbox.uidpool import check_pool_range
 
     names = sorted({step.profile for step in plan.steps})
     check_sandbox_prerequisites([policy.profiles[name] for name in names])
+    # Step uids come from a host-wide pool; its range must be reserved for it.
+    check_pool_range(policy.file.sandbox.uid_base, policy.file.sandbox.uid_count)
+    # Every profile bounds memory and processes per step tree; a host that
+    # cannot enforce that refuses the run rather than running unbounded.
+    check_enforceable(memory=True, pids=True)
     scopes = sorted({s.vault_scope for s in plan.steps if s.vault_scope})
     if scopes:
         from haios.secrets import provider_from_environment
@@ -104,7 +112,7 @@ class RunGuard:
         with self._lock:
             return self.lost
 
-    def before(self, step: PlanStep, uid: int, gid: int, secret_dir: str) -> StepGrant:
+    def before(self, step: PlanStep, uid: int, gid: int, secret_fd: int | None) -> StepGrant:
         """Create and register the step's cgroup; issue its scoped token.
 
         Raises:
@@ -125,17 +133,19 @@ class RunGuard:
         if step.vault_scope is None:
             return StepGrant(cgroup=cgroup)
         try:
-            return self._issue(step, uid, gid, secret_dir, cgroup)
+            return self._issue(step, uid, gid, secret_fd, cgroup)
         except BaseException:
             if self.watchdog is not None and cgroup is not None:
                 self.watchdog.unregister(step.id)
                 self.watchdog.remove_step_cgroup(Path(cgroup))
             raise
 
-    def _issue(self, step: PlanStep, uid: int, gid: int, secret_dir: str,
+    def _issue(self, step: PlanStep, uid: int, gid: int, secret_fd: int | None,
                cgroup: str | None) -> StepGrant:
-        from haios.secrets import write_token_file
+        from haios.secrets import write_token_into
 
+        if secret_fd is None:
+            raise VaultUnavailableError(f"step {step.id}: no secret filesystem for its token")
         if self.provider is None or self.vault_addr is None or step.vault_scope is None:
             raise VaultUnavailableError(f"step {step.id}: Vault is not configured")
         grant = _grant(self.request.policy, step.vault_scope)
@@ -147,7 +157,7 @@ class RunGuard:
         self.request.bus.publish(ev.VAULT_TOKEN_ISSUED, step_id=step.id,
                                  accessor=token.accessor, ttl_seconds=token.ttl_seconds)
         try:
-            write_token_file(Path(secret_dir), token, uid, gid)
+            write_token_into(secret_fd, token, uid, gid)
         except BaseException:
             self._revoke(step.id, token.accessor)
             raise
@@ -275,11 +285,10 @@ def make_guard(request: GuardRequest) -> RunGuard:
         if request.leftover_accessors:
             guard.revoke_leftovers(request.leftover_accessors)
         guard.open_session(sum(step.timeout_seconds for step in request.plan.steps))
-    private = request.osr.path / ".haios"
     guard.watchdog = Watchdog.start(
         control_dir=request.osr.path / "control",
         extra_paths=request.policy.kill_paths,
-        journal_path=private / "watchdog.jsonl",
+        journal_path=request.journal_path,
         run_id=f"{request.run_id}-{os.getpid()}-{pyrandom.token_hex(3)}",
         on_kill=guard.on_kill, on_lost=guard.on_lost, on_engaged=guard.on_engaged,
     )

@@ -18,7 +18,7 @@ from typing import Any
 from haios import events as ev
 from haios._util.clock import wall_clock
 from haios._util.safedir import SafeDir
-from haios._util.strict_json import StrictJSONError, parse_strict_json
+from haios._util.strict_json import StrictJSONError, parse_strict_json, printable
 from haios.errors import HaiosError, PathError, ReplayError, TamperedError
 from haios.intake import StoredArtefact, copy_into
 from haios.load.keys import TrustedRole
@@ -104,8 +104,13 @@ class History:
 
     def record_rejection(self, exc: HaiosError, raw: bytes | None,
                          signer: EngineSigner | None) -> None:
-        """Audit the rejection; write a signed `rejected` state if no history exists."""
-        self.bus.publish(ev.REJECTION, reason=exc.reason, message=str(exc))
+        """Audit the rejection; write a signed `rejected` state if no history exists.
+
+        The message is escaped first: it may quote hostile input, and the
+        state's `reason` refuses a NUL (a crash here would lose the record).
+        """
+        message = printable(str(exc))
+        self.bus.publish(ev.REJECTION, reason=exc.reason, message=message)
         if signer is None or self.error is not None or self.has_history():
             return
         plan_id, steps = _plan_outline(raw)
@@ -114,7 +119,7 @@ class History:
             "plan_id": plan_id,
             "plan_sha256": hashlib.sha256(raw or b"").hexdigest(),
             "status": "rejected",
-            "reason": str(exc)[:4000],
+            "reason": message[:4000],
             "steps": {step_id: {} for step_id in steps},
             "updated": format_rfc3339(wall_clock()),
             "seq": (self.state.seq if self.state else 0) + 1,

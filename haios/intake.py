@@ -14,13 +14,21 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import os
 from collections.abc import Iterator
 
 from haios import events as ev
 from haios._util.safedir import SafeDir, sha256_fd
-from haios.errors import DigestError, ExpiredError, HaiosError, InputError, VerificationError
+from haios.errors import (
+    CopyError,
+    DigestError,
+    ExpiredError,
+    HaiosError,
+    InputError,
+    VerificationError,
+)
 from haios.load.parse import parse_model
 from haios.load.policy import Policy
 from haios.models.common import parse_rfc3339
@@ -93,6 +101,9 @@ def copy_into(source: SafeDir, name: str, store: SafeDir, *, max_bytes: int) -> 
     The copy is made in-kernel and then hashed from the copy itself, so
     the engine never trusts bytes it did not hash.
 
+    Raises:
+        CopyError: the destination refused the bytes (full, out of inodes).
+
     Side Effects:
         Replaces `store/name`.
     """
@@ -104,7 +115,11 @@ def copy_into(source: SafeDir, name: str, store: SafeDir, *, max_bytes: int) -> 
         try:
             copied = 0
             while copied < size:
-                n = os.copy_file_range(fd, out, size - copied)
+                try:
+                    n = _copy_chunk(fd, out, size - copied)
+                except OSError as exc:
+                    raise CopyError(f"{store.label}/{name}: cannot write the copy "
+                                    f"({exc.strerror})") from exc
                 if n == 0:
                     break
                 copied += n
@@ -117,6 +132,17 @@ def copy_into(source: SafeDir, name: str, store: SafeDir, *, max_bytes: int) -> 
             os.close(out)
     finally:
         os.close(fd)
+
+
+def _copy_chunk(src: int, dst: int, count: int) -> int:
+    """Copy in the kernel; between file systems of different types (a step's
+    tmpfs and the store's disk) copy_file_range refuses, sendfile does not."""
+    try:
+        return os.copy_file_range(src, dst, count)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    return os.sendfile(dst, src, None, count)
 
 
 def _link_files(osr: OsRoot, policy: Policy, engine_keyid: str) -> Iterator[tuple[str, bytes]]:

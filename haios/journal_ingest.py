@@ -2,10 +2,10 @@
 """Carry what the watchdog did while the engine was dead into the audit trail.
 
 When the engine dies, the watchdog kills every step tree and writes an
-`engine_lost` record to its journal (`os_root/.haios/watchdog.jsonl`, private
-to the engine). The next `haios run` publishes each tree it killed as a
-`kill` event with scope `engine_lost` (audit log and metrics), then removes
-the journal. Does I/O in the private area only.
+`engine_lost` record to its journal (`watchdog.jsonl` in the engine's run
+area under state_dir, outside os_root; see area.py). The next `haios run`
+publishes each tree it killed as a `kill` event with scope `engine_lost`
+(audit log and metrics), then removes the journal. Does I/O in the private area only.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Any
 
 from haios import events as ev
 from haios._util.strict_json import StrictJSONError, parse_strict_json
+from haios.area import RunArea
 from haios.errors import HaiosError
-from haios.osroot import OsRoot
 
 JOURNAL = "watchdog.jsonl"
 JOURNAL_MAX_BYTES = 4 << 20
 
 
-def ingest_watchdog_journal(osr: OsRoot, bus: ev.EventBus) -> int:
+def ingest_watchdog_journal(area: RunArea, bus: ev.EventBus) -> int:
     """Publish the engine-lost kills a previous run's watchdog recorded.
 
     Returns:
@@ -30,7 +30,7 @@ def ingest_watchdog_journal(osr: OsRoot, bus: ev.EventBus) -> int:
     Side Effects:
         Publishes events; removes the journal after reading it.
     """
-    private = osr.private()
+    private = area.dir
     if private.lstat(JOURNAL) is None:
         return 0
     try:

@@ -98,6 +98,7 @@ REJECTION_REASONS: Final = (
     "killed",
     "budget_exhausted",
     "environment",
+    "copy_failed",
     "policy",
     "sandbox",
     "vault",

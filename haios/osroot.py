@@ -2,9 +2,10 @@
 """The os_root layout (contract section 3), opened without following links.
 
 `OsRoot` holds descriptors for the client-written directories (read-only
-use) and the engine-owned ones, plus `.haios/`, the engine's private area
-(mode 0700: verified input copies, step workspaces, token directories).
-Does I/O.
+use) and the engine-owned ones. Nothing private to the engine lives here:
+the client owns this directory and can rename or replace any entry at any
+time, so verified copies, scratch, leases and the lock live in the run
+area under the operator's state_dir (area.py). Does I/O.
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ STATE_FILE: Final = "state.json"
 REGISTRY_FILE: Final = "registry_map.json"
 AUDIT_FILE: Final = "audit.jsonl"
 METRICS_FILE: Final = "metrics.prom"
-LOCK_FILE: Final = ".haios.lock"
-PRIVATE_DIR: Final = ".haios"
 ENGINE_DIRS: Final = ("artefacts", "cost", "logs")
 _TEMP: Final = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 
@@ -69,20 +68,17 @@ class OsRoot:
         Only regular files named like `SafeDir.write_atomic` temps are removed.
         """
         removed: list[str] = []
-        for directory in [self.root, *(self.optional_sub(n) for n in (*ENGINE_DIRS, "links"))]:
-            if directory is None:
-                continue
+        # Only real directories are swept: anything planted in their place is
+        # refused later, inside verification, with a `rejected` record.
+        directories = [self.root]
+        for name in (*ENGINE_DIRS, "links"):
+            info = self.root.lstat(name)
+            if info is not None and stat.S_ISDIR(info.st_mode):
+                directories.append(self.sub(name))
+        for directory in directories:
             for name in directory.names():
                 info = directory.lstat(name)
                 if _TEMP.fullmatch(name) and info is not None and stat.S_ISREG(info.st_mode):
                     directory.unlink(name)
                     removed.append(f"{directory.label}/{name}")
         return removed
-
-    def private(self) -> SafeDir:
-        """`.haios/`, created 0700 and checked to be ours."""
-        private = self.sub(PRIVATE_DIR, create=True, mode=0o700)
-        info = os.fstat(private.fd)
-        if info.st_uid != os.geteuid() or info.st_mode & 0o077:
-            raise PathError(f"os_root/{PRIVATE_DIR}: not private to the engine")
-        return private

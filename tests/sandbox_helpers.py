@@ -19,6 +19,7 @@ from typing import Any
 from haios.sandbox.profile import Profile, load_profile
 from haios.sandbox.runner import NamespaceRunner
 from haios.sandbox.spec import VIEW_COST_REPORT, VIEW_WORKSPACE, StepOutcome, StepSpec
+from haios.sandbox.stepfs import StepMounts, open_capture, read_capture
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY_DIR = REPO / "policy"
@@ -91,6 +92,9 @@ def write_profile(tmp_path: Path, text: str, name: str = "test") -> Path:
     """A policy dir holding profiles/<name>.toml with `text`."""
     (tmp_path / "profiles").mkdir(exist_ok=True)
     (tmp_path / "profiles" / f"{name}.toml").write_text(text)
+    # The policy loader refuses anything group- or world-writable, whatever the umask.
+    (tmp_path / "profiles").chmod(0o755)
+    (tmp_path / "profiles" / f"{name}.toml").chmod(0o644)
     return tmp_path
 
 
@@ -105,26 +109,32 @@ def next_uid() -> int:
     return next(_uids)
 
 
-@dataclasses.dataclass
-class StepDirs:
-    """Host directories of one test step."""
-
-    root: Path
-    workspace: Path
-    cost_dir: Path
-    uid: int
+def make_mounts(profile: Profile, uid: int, *, with_secret: bool = False) -> StepMounts:
+    """Fresh detached step filesystems sized by `profile`, owned by `uid`."""
+    return StepMounts.create(uid, uid, workspace_bytes=profile.filesystem.workspace_size_bytes,
+                             workspace_inodes=profile.filesystem.workspace_inodes,
+                             with_secret=with_secret)
 
 
-def make_dirs(base: Path, name: str = "step") -> StepDirs:
-    """Create workspace and cost dirs owned by a fresh uid under `base`."""
-    uid = next_uid()
-    root = base / name
-    workspace = root / "work"
-    cost_dir = root / "cost"
-    for path in (workspace, cost_dir):
-        path.mkdir(parents=True)
-        os.chown(path, uid, uid)
-    return StepDirs(root, workspace, cost_dir, uid)
+def workspace_path(spec: StepSpec) -> Path:
+    """The step's workspace as seen from the test (through the mount's descriptor)."""
+    return Path(f"/proc/self/fd/{spec.mounts.workspace.dir.fd}")
+
+
+def cost_path(spec: StepSpec) -> Path:
+    """The step's cost dir as seen from the test."""
+    return Path(f"/proc/self/fd/{spec.mounts.cost.dir.fd}")
+
+
+def secret_path(spec: StepSpec) -> Path:
+    """The step's secret filesystem as seen from the test (it must have one)."""
+    assert spec.mounts.secret is not None
+    return Path(f"/proc/self/fd/{spec.mounts.secret.dir.fd}")
+
+
+def captured(fd: int) -> str:
+    """What a step wrote to one of its output captures."""
+    return read_capture(fd, 1 << 24).decode(errors="replace")
 
 
 def make_spec(
@@ -135,10 +145,16 @@ def make_spec(
     name: str = "step",
     timeout_seconds: float = 20.0,
     env: dict[str, str] | None = None,
+    with_secret: bool = False,
     **overrides: Any,
 ) -> StepSpec:
-    """A StepSpec with fresh directories and the contract's environment."""
-    dirs = make_dirs(base, name)
+    """A StepSpec with fresh filesystems, captures and the contract's environment.
+
+    `base` is kept for the callers' signature; nothing of the step lives on
+    a host path any more.
+    """
+    del base
+    uid = next_uid()
     resolved = shipped_profile(profile) if isinstance(profile, str) else profile
     spec = StepSpec(
         plan_id="plan",
@@ -153,16 +169,14 @@ def make_spec(
             "HAIOS_STEP_ID": name,
             "HAIOS_COST_REPORT": VIEW_COST_REPORT,
         },
-        workspace=dirs.workspace,
-        cost_dir=dirs.cost_dir,
-        secret_dir=None,
+        mounts=make_mounts(resolved, uid, with_secret=with_secret),
         profile=resolved,
-        uid=dirs.uid,
-        gid=dirs.uid,
+        uid=uid,
+        gid=uid,
         timeout_seconds=timeout_seconds,
         cpu_seconds_limit=None,
-        stdout_path=dirs.root / "stdout",
-        stderr_path=dirs.root / "stderr",
+        stdout_fd=open_capture(f"{name}.out"),
+        stderr_fd=open_capture(f"{name}.err"),
         output_limit_bytes=1 << 20,
         cgroup=None,
     )
@@ -191,13 +205,13 @@ def run_python_probe(
 def run_spec(runner: NamespaceRunner, spec: StepSpec) -> ProbeRun:
     """Run a spec and collect its probe file and outputs."""
     outcome = runner.run(spec)
-    probe = spec.workspace / PROBE_FILE
+    probe = workspace_path(spec) / PROBE_FILE
     results = json.loads(probe.read_text()) if probe.exists() else {}
     return ProbeRun(
         outcome=outcome,
         results=results,
-        stdout=spec.stdout_path.read_text(errors="replace"),
-        stderr=spec.stderr_path.read_text(errors="replace"),
+        stdout=captured(spec.stdout_fd),
+        stderr=captured(spec.stderr_fd),
         spec=spec,
     )
 

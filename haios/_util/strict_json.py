@@ -6,7 +6,8 @@ Refuses what the standard library accepts by default: duplicate object keys
 numbers that overflow to infinity, a byte-order mark, UTF-16/32, invalid
 UTF-8, lone surrogates, and nesting deeper than a fixed bound (checked
 before parsing, without recursion, so a deep document cannot exhaust the
-stack). Pure: bytes in, Python values out; no I/O.
+stack). Also escapes hostile text for diagnostics (`printable`). Pure:
+bytes in, Python values out; no I/O.
 """
 
 from __future__ import annotations
@@ -123,6 +124,33 @@ def parse_strict_json(data: bytes, *, max_depth: int = MAX_DEPTH) -> Any:
     if "\\u" in text:
         _no_surrogates(value)
     return value
+
+
+def printable(text: str) -> str:
+    """`text` fit for a one-line diagnostic: every non-printable character escaped.
+
+    Hostile input reaches error messages as field names, keys and file
+    names; a NUL, an escape sequence or a line separator in them must not
+    reach a terminal, a log line or a signed state verbatim. Control, format,
+    separator (other than the space), surrogate and unassigned code points
+    become ``\\xNN``, ``\\uNNNN`` or ``\\UNNNNNNNN``. Backslashes are left alone,
+    so escaping twice changes nothing.
+    """
+    if text.isprintable():
+        return text
+    out: list[str] = []
+    for char in text:
+        if char.isprintable():
+            out.append(char)
+            continue
+        code = ord(char)
+        if code <= 0xFF:
+            out.append(f"\\x{code:02x}")
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
 
 
 def dump_json(value: Any) -> bytes:

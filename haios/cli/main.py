@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from haios import __version__
+from haios._util.strict_json import printable
 from haios.errors import EXIT_INTERNAL, HaiosError
 
 EXIT_CODES_HELP = """\b
@@ -35,7 +36,8 @@ Exit codes:
 
 def _fail(exc: BaseException) -> NoReturn:
     if isinstance(exc, HaiosError):
-        click.echo(f"haios: {type(exc).__name__}: {exc}", err=True)
+        # Messages can carry os_root names: never raw control characters.
+        click.echo(f"haios: {type(exc).__name__}: {printable(str(exc))}", err=True)
         sys.exit(exc.exit_code)
     click.echo(f"haios: internal error: {type(exc).__name__}", err=True)
     sys.exit(EXIT_INTERNAL)

@@ -36,12 +36,3 @@ def decide_plan(plan: ExecPlan, policy: Policy) -> None:
         if step.timeout_seconds > limits.timeout_max_seconds:
             raise PolicyDeniedError(f"{where}: timeout_seconds exceeds the policy's "
                                     f"{limits.timeout_max_seconds}")
-
-
-def step_uids(plan: ExecPlan, order: list[str], policy: Policy) -> dict[str, int]:
-    """A distinct unprivileged uid per step, from the policy's range, by plan order."""
-    sandbox = policy.file.sandbox
-    if len(order) > sandbox.uid_count:
-        raise PolicyDeniedError(f"plan has {len(order)} steps; the policy's uid range holds "
-                                f"{sandbox.uid_count}")
-    return {step_id: sandbox.uid_base + index for index, step_id in enumerate(order)}

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from haios._util.strict_json import StrictJSONError, parse_strict_json
+from haios._util.strict_json import StrictJSONError, parse_strict_json, printable
 from haios.errors import InputError, SchemaError
 
 M = TypeVar("M", bound=BaseModel)
@@ -38,11 +38,16 @@ def parse_model(model: type[M], data: bytes, *, label: str, max_depth: int) -> M
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """The first error as `field.path: message`, without echoing the input value."""
+    """The first error as `field.path: message`, without echoing the input value.
+
+    Field names come from the input (an unknown key, a dict key), so they
+    and the message are escaped: a NUL or an escape sequence in a key never
+    reaches stderr, the audit log or the signed `rejected` state verbatim.
+    """
     first = exc.errors(include_url=False, include_input=False)[0]
     where = ".".join(str(part) for part in first["loc"]) or "(top level)"
     message = first["msg"]
     if first["type"] == "extra_forbidden":
         message = "unknown field"
     extra = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-    return f"{where}: {message}{extra}"
+    return f"{printable(where[:200])}: {printable(message)}{extra}"

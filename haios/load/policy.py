@@ -4,15 +4,15 @@
 The policy is the only source of trust (contract section 1). Anything
 wrong with it (missing, unreadable, writable by others, a bad field, a
 weak or duplicated key, an invalid profile) is a `PolicyLoadError` (exit 6):
-the engine refuses to run on a policy it cannot fully understand. Does I/O
+the engine refuses to run on a policy it cannot fully understand. Every
+file is read through one `PolicyFolder`, so policy.toml, keys and profiles
+meet the same ownership, permission, no-symlink and size rules. Does I/O
 on the policy folder only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import stat
 import tomllib
 from pathlib import Path
 
@@ -22,8 +22,9 @@ from securesystemslib.signer import SSlibKey
 from haios.errors import PolicyLoadError
 from haios.load.keys import TrustedRole, parse_public_key
 from haios.load.parse import describe_validation_error
+from haios.load.policy_folder import PolicyFolder
 from haios.models.policy import PolicyFile, Role
-from haios.sandbox.profile import Profile, load_profile
+from haios.sandbox.profile import PROFILES_DIR, Profile, load_profile_from
 
 POLICY_FILE = "policy.toml"
 POLICY_MAX_BYTES = 256 << 10
@@ -58,32 +59,12 @@ def resolve_policy_dir(option: str | None, environ: dict[str, str]) -> Path:
     return Path(option or environ.get("HAIOS_POLICY") or DEFAULT_POLICY_DIR)
 
 
-def _read_trusted(path: Path, max_bytes: int, label: str) -> bytes:
-    """Read an operator file, refusing one that others could have written."""
-    try:
-        info = path.stat()
-    except OSError as exc:
-        raise PolicyLoadError(f"{label}: cannot read ({exc.strerror})") from exc
-    if not stat.S_ISREG(info.st_mode):
-        raise PolicyLoadError(f"{label}: not a regular file")
-    if info.st_mode & 0o022:
-        raise PolicyLoadError(f"{label}: writable by group or others (mode {info.st_mode:o})")
-    if info.st_uid not in (0, os.geteuid()):
-        raise PolicyLoadError(f"{label}: owned by uid {info.st_uid}, not the operator")
-    if info.st_size > max_bytes:
-        raise PolicyLoadError(f"{label}: larger than {max_bytes} bytes")
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise PolicyLoadError(f"{label}: cannot read ({exc.strerror})") from exc
-
-
-def _load_role(directory: Path, name: str, role: Role) -> TrustedRole:
+def _load_role(folder: PolicyFolder, name: str, role: Role) -> TrustedRole:
     keys: list[SSlibKey] = []
     seen: dict[str, str] = {}
     for relative in role.keys:
         label = f"policy role {name}: {relative}"
-        pem = _read_trusted(directory / relative, KEY_MAX_BYTES, label)
+        pem = folder.read(relative, max_bytes=KEY_MAX_BYTES, label=label)
         try:
             key = parse_public_key(pem, label=label)
         except ValueError as exc:
@@ -98,15 +79,12 @@ def _load_role(directory: Path, name: str, role: Role) -> TrustedRole:
     return TrustedRole(name, tuple(keys), role.threshold)
 
 
-def _load_profiles(directory: Path) -> dict[str, Profile]:
-    profiles_dir = directory / "profiles"
-    if not profiles_dir.is_dir():
-        raise PolicyLoadError(f"{profiles_dir}: no sandbox profiles folder")
-    names = sorted(p.name[: -len(".toml")] for p in profiles_dir.iterdir()
-                   if p.name.endswith(".toml"))
+def _load_profiles(folder: PolicyFolder) -> dict[str, Profile]:
+    names = sorted(entry[: -len(".toml")] for entry in folder.names(PROFILES_DIR)
+                   if entry.endswith(".toml"))
     if "default" not in names:
-        raise PolicyLoadError(f"{profiles_dir}: the `default` profile is missing")
-    return {name: load_profile(directory, name) for name in names}
+        raise PolicyLoadError(f"policy {PROFILES_DIR}/: the `default` profile is missing")
+    return {name: load_profile_from(folder, name) for name in names}
 
 
 def load_policy(directory: Path) -> Policy:
@@ -118,23 +96,27 @@ def load_policy(directory: Path) -> Policy:
     Side Effects:
         Reads files under `directory`.
     """
-    raw = _read_trusted(directory / POLICY_FILE, POLICY_MAX_BYTES, f"{directory}/{POLICY_FILE}")
+    with PolicyFolder.open(directory) as folder:
+        return _load(folder)
+
+
+def _load(folder: PolicyFolder) -> Policy:
+    raw = folder.read(POLICY_FILE, max_bytes=POLICY_MAX_BYTES)
+    shown = f"policy {POLICY_FILE}"
     try:
         document = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise PolicyLoadError(f"{directory}/{POLICY_FILE}: not valid TOML ({exc})") from exc
+        raise PolicyLoadError(f"{shown}: not valid TOML ({exc})") from exc
     try:
         model = PolicyFile.model_validate(document)
     except ValidationError as exc:
-        raise PolicyLoadError(f"{directory}/{POLICY_FILE}: "
-                              f"{describe_validation_error(exc)}") from exc
-    planner = _load_role(directory, "planner", model.roles.planner)
-    functionary = _load_role(directory, "functionary", model.roles.functionary)
+        raise PolicyLoadError(f"{shown}: {describe_validation_error(exc)}") from exc
+    planner = _load_role(folder, "planner", model.roles.planner)
+    functionary = _load_role(folder, "functionary", model.roles.functionary)
     engine_label = f"policy engine.public_key: {model.engine.public_key}"
+    pem = folder.read(model.engine.public_key, max_bytes=KEY_MAX_BYTES, label=engine_label)
     try:
-        engine_key = parse_public_key(
-            _read_trusted(directory / model.engine.public_key, KEY_MAX_BYTES, engine_label),
-            label=engine_label)
+        engine_key = parse_public_key(pem, label=engine_label)
     except ValueError as exc:
         raise PolicyLoadError(str(exc)) from exc
-    return Policy(directory, model, planner, functionary, engine_key, _load_profiles(directory))
+    return Policy(folder.path, model, planner, functionary, engine_key, _load_profiles(folder))

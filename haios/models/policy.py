@@ -9,9 +9,10 @@ them. No I/O.
 
 from __future__ import annotations
 
+import posixpath
 from typing import Annotated, Final, Literal, Self
 
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, field_validator, model_validator
 
 from haios.models.common import EnvName, Identifier, StrictModel
 
@@ -33,8 +34,18 @@ DEFAULT_DENIED_NAMES: Final = (
     "PERL5OPT", "PERL5LIB", "RUBYOPT", "NODE_OPTIONS", "GCONV_PATH", "LOCPATH", "MALLOC_CHECK_",
 )
 
+
+def _inside_folder(path: str) -> str:
+    # The loader walks these components one directory at a time; a `..`
+    # would leave the folder, and `.` or an empty component is ambiguous.
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        raise ValueError(f"path {path!r} leaves the policy folder or is not normalised")
+    return path
+
+
 RelPath = Annotated[str, StringConstraints(min_length=1, max_length=255,
-                                           pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")]
+                                           pattern=r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$"),
+                    AfterValidator(_inside_folder)]
 AbsPath = Annotated[str, StringConstraints(min_length=2, max_length=4096, pattern=r"^/[^\x00]*$")]
 VaultPolicyName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{0,127}$")]
 
@@ -47,10 +58,7 @@ class Role(StrictModel):
 
     @field_validator("keys")
     @classmethod
-    def _relative(cls, keys: list[str]) -> list[str]:
-        for key in keys:
-            if ".." in key.split("/"):
-                raise ValueError(f"key path {key!r} leaves the policy folder")
+    def _distinct(cls, keys: list[str]) -> list[str]:
         if len(set(keys)) != len(keys):
             raise ValueError("the same key file is listed twice")
         return keys
@@ -69,11 +77,37 @@ class Roles(StrictModel):
     functionary: Role
 
 
+DEFAULT_STATE_DIR: Final = "/var/lib/haios"
+
+
 class EngineSection(StrictModel):
-    """The engine's own key: a securesystemslib private key URI and its public half."""
+    """The engine's own key and its private state directory.
+
+    Attributes:
+        signing_key: a securesystemslib private key URI, ``file2:/abs/path``
+            or ``hv:KEY/VERSION`` (required).
+        public_key: the key's public half, relative to the policy folder
+            (required).
+        state_dir: absolute, normalised path (not ``/``, no ``..``) of the
+            root-owned directory where the engine keeps its private
+            per-os_root run areas: verified input copies, scratch, uid leases
+            and the watchdog journal. It lies outside every client-writable
+            os_root. Default ``/var/lib/haios``.
+    """
 
     signing_key: Annotated[str, StringConstraints(pattern=r"^(file2:/|hv:)[^\x00]{1,4096}$")]
     public_key: RelPath
+    state_dir: AbsPath = DEFAULT_STATE_DIR
+
+    @field_validator("state_dir")
+    @classmethod
+    def _normalised(cls, path: str) -> str:
+        # normpath keeps a leading "//" (POSIX leaves its meaning open): refuse it too.
+        if posixpath.normpath(path) != path or path.startswith("//"):
+            raise ValueError(f"state_dir {path!r} must be an absolute, normalised path")
+        if path == "/":
+            raise ValueError("state_dir must not be the root directory")
+        return path
 
 
 class KillSwitchSection(StrictModel):
@@ -100,7 +134,21 @@ class VaultScope(StrictModel):
 
 
 class SandboxSection(StrictModel):
-    """Identity of the step processes: each step gets its own uid/gid."""
+    """Identity of the step processes: each running step holds its own uid/gid.
+
+    Uids are leased host-wide, per step, from ``uid_base`` ..
+    ``uid_base + uid_count - 1``: a lease is never shared by two live steps
+    on the host, and is never handed out again while a process of its
+    previous holder lives. The leases are kept under `EngineSection.state_dir`,
+    so every engine sharing that directory draws from the same range.
+
+    Attributes:
+        uid_base: first uid (and gid) of the range; >= 1000, choose a range no
+            account on the host uses. Default 600000.
+        uid_count: size of the range: how many steps can run at once on the
+            host across all engines sharing the state_dir (not a bound on the
+            plan's length). Default 65536 (1..1000000).
+    """
 
     uid_base: int = Field(default=600_000, ge=1000, le=4_000_000_000)
     uid_count: int = Field(default=65_536, ge=1, le=1_000_000)

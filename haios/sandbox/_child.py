@@ -19,7 +19,7 @@ raises `SandboxSetupError`. There is no "continue anyway" path.
      job-control signals from the engine's terminal).
   4  move the four pipes above 100 and close every other inherited
      descriptor, before any other stage can touch one (T-S08).
-  5  join the step's cgroup while still root and in the host cgroup
+  5  join the step's cgroups (kill, memory, processes) while still root and in the host cgroup
      namespace, so every process of the step is accounted and killable.
   6  unshare mount, IPC, UTS, cgroup (and network unless the profile shares
      the host's) namespaces; after 5, so the cgroup namespace is rooted at
@@ -92,12 +92,18 @@ class ChildFds:
         report_w: close-on-exec pipe for a setup failure reason; EOF
             without data means the step started.
         status_w: the init writes the step's wait status here.
+        workspace: the step's workspace filesystem (a detached mount).
+        cost: the step's cost-report filesystem (a detached mount).
+        secret: the step's token filesystem (a detached mount), or -1.
     """
 
     stdout_w: int
     stderr_w: int
     report_w: int
     status_w: int
+    workspace: int = -1
+    cost: int = -1
+    secret: int = -1
 
 
 def _report(fd: int, stage: str, exc: BaseException) -> None:
@@ -141,20 +147,19 @@ class _Init:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         floor = min(FD_FLOOR, max(3, soft - len(pipes) - 1))
         moved = [
-            fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor + index)
+            -1 if fd < 0 else fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, floor + index)
             for index, fd in enumerate(pipes)
         ]
         self.pipes = ChildFds(*moved)
-        fds.close_fds_except(tuple(moved))
+        fds.close_fds_except(tuple(fd for fd in moved if fd >= 0))
 
     def join_cgroup(self) -> None:
-        if not self.plan.cgroup:
-            return
-        fd = os.open(os.path.join(self.plan.cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
+        for cgroup in self.plan.cgroups:
+            fd = os.open(os.path.join(cgroup, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
 
     def unshare_namespaces(self) -> None:
         _libc.unshare(self.plan.namespaces)
@@ -163,7 +168,9 @@ class _Init:
         _libc.sethostname(self.plan.hostname)
 
     def build_view(self) -> None:
-        mounts.apply_view(self.plan.view)
+        pipes = self.pipes
+        mounts.apply_view(self.plan.view,
+                          mounts.StepFsFds(pipes.workspace, pipes.cost, pipes.secret))
 
     def stdio(self) -> None:
         self.null_fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)

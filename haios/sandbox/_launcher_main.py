@@ -6,8 +6,9 @@ that imports only this module and the sandbox child code, so forking from it
 costs the same whatever the engine's size. It serves one SOCK_SEQPACKET
 control socket shared with the engine:
 
-- request: ``{"plan": <LaunchPlan wire form>}`` with five descriptors
-  (SCM_RIGHTS): a per-step reply socket and the four pipe write ends;
+- request: ``{"plan": <LaunchPlan wire form>, "mounts": n}`` with 5 + n
+  descriptors (SCM_RIGHTS): a per-step reply socket, the four pipe write
+  ends, and the step's n detached filesystems (workspace, cost, secret);
 - it forks the init exactly as the engine would (`_spawn.spawn_init`), closes
   its copies of the pipes, and answers on the reply socket with
   ``{"pid": n}`` plus a pidfd, or ``{"error": reason}``;
@@ -35,6 +36,8 @@ from haios.sandbox._launchplan import from_wire
 
 MESSAGE_MAX_BYTES: Final = 4 * 1024 * 1024
 REQUEST_FDS: Final = 5
+#: workspace, cost and (with a Vault scope) secret filesystems
+MAX_STEP_FS: Final = 3
 
 
 class _Server:
@@ -59,7 +62,7 @@ class _Server:
     def handle_request(self) -> bool:
         try:
             message, fds, flags, _addr = socket.recv_fds(
-                self.control, MESSAGE_MAX_BYTES, REQUEST_FDS
+                self.control, MESSAGE_MAX_BYTES, REQUEST_FDS + MAX_STEP_FS
             )
         except OSError:
             return False
@@ -67,14 +70,18 @@ class _Server:
             for fd in fds:
                 os.close(fd)
             return False
-        if flags & socket.MSG_TRUNC or len(fds) != REQUEST_FDS:
+        if flags & socket.MSG_TRUNC or not REQUEST_FDS + 2 <= len(fds) <= REQUEST_FDS + MAX_STEP_FS:
             for fd in fds:
                 os.close(fd)
             return True
         reply = socket.socket(fileno=fds[0])
-        pipes = _child.ChildFds(*fds[1:])
+        step_fs = fds[REQUEST_FDS:] + [-1] * (REQUEST_FDS + MAX_STEP_FS - len(fds))
+        pipes = _child.ChildFds(*fds[1:REQUEST_FDS], *step_fs)
         try:
-            plan = from_wire(json.loads(message)["plan"])
+            request = json.loads(message)
+            if request["mounts"] != len(fds) - REQUEST_FDS:
+                raise ValueError("descriptor count does not match the request")
+            plan = from_wire(request["plan"])
             pid = _spawn.spawn_init(plan, pipes)
         except (SandboxSetupError, KeyError, TypeError, ValueError) as exc:
             self.answer(reply, {"error": str(exc)}, [])

@@ -28,7 +28,7 @@ class LaunchPlan:
         gid: the step's gid.
         namespaces: unshare(2) flags for the init (PID excluded).
         hostname: the UTS namespace's hostname.
-        cgroup: cgroup v2 directory to join, or "".
+        cgroups: cgroup directories to join (kill/accounting, limits).
         view: the filesystem view.
         rlimits: (resource, soft, hard) triples.
         cap_last_cap: highest capability number of the running kernel.
@@ -44,7 +44,7 @@ class LaunchPlan:
     gid: int
     namespaces: int
     hostname: str
-    cgroup: str
+    cgroups: tuple[str, ...]
     view: mounts.ViewPlan
     rlimits: tuple[tuple[int, int, int], ...]
     cap_last_cap: int
@@ -78,7 +78,7 @@ def from_wire(data: dict[str, Any]) -> LaunchPlan:
         gid=int(data["gid"]),
         namespaces=int(data["namespaces"]),
         hostname=str(data["hostname"]),
-        cgroup=str(data["cgroup"]),
+        cgroups=tuple(str(path) for path in data["cgroups"]),
         view=mounts.ViewPlan(**view),
         rlimits=tuple((int(a), int(b), int(c)) for a, b, c in data["rlimits"]),
         cap_last_cap=int(data["cap_last_cap"]),

@@ -47,6 +47,10 @@ AT_SYMLINK_NOFOLLOW: Final = 0x100
 AT_EMPTY_PATH: Final = 0x1000
 AT_RECURSIVE: Final = 0x8000
 MOVE_MOUNT_F_EMPTY_PATH: Final = 0x4
+FSOPEN_CLOEXEC: Final = 0x1
+FSMOUNT_CLOEXEC: Final = 0x1
+FSCONFIG_SET_STRING: Final = 1
+FSCONFIG_CMD_CREATE: Final = 6
 
 # -- prctl (linux/prctl.h) ---------------------------------------------------
 PR_SET_PDEATHSIG: Final = 1
@@ -76,6 +80,9 @@ SYS_PIVOT_ROOT: Final = 155
 SYS_SECCOMP: Final = 317
 SYS_OPEN_TREE: Final = 428
 SYS_MOVE_MOUNT: Final = 429
+SYS_FSOPEN: Final = 430
+SYS_FSCONFIG: Final = 431
+SYS_FSMOUNT: Final = 432
 SYS_CLOSE_RANGE: Final = 436
 SYS_MOUNT_SETATTR: Final = 442
 
@@ -290,6 +297,48 @@ def open_tree_clone(path: str) -> int:
         ),
         f"open_tree {path}",
     )
+
+
+def open_tree_clone_fd(fd: int) -> int:
+    """open_tree(2) with OPEN_TREE_CLONE on a mount given by descriptor.
+
+    Returns:
+        A close-on-exec descriptor for a detached copy of that mount.
+    """
+    flags = OPEN_TREE_CLONE | os.O_CLOEXEC | AT_EMPTY_PATH
+    return _check(
+        _syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(fd), b"", ctypes.c_uint(flags)),
+        "open_tree (clone)",
+    )
+
+
+def fsmount_tmpfs(options: dict[str, str], attrs: int) -> int:
+    """A new tmpfs as a detached mount (fsopen, fsconfig, fsmount), never attached.
+
+    Args:
+        options: tmpfs options (size, nr_inodes, mode, uid, gid, source).
+        attrs: MOUNT_ATTR_* flags of the mount.
+
+    Returns:
+        A close-on-exec descriptor of the mount's root directory.
+
+    Side Effects:
+        Creates a tmpfs superblock, freed when the last reference goes.
+    """
+    fs_fd = _check(_syscall(ctypes.c_long(SYS_FSOPEN), b"tmpfs", ctypes.c_uint(FSOPEN_CLOEXEC)),
+                   "fsopen tmpfs")
+    try:
+        for key, value in options.items():
+            _check(_syscall(ctypes.c_long(SYS_FSCONFIG), ctypes.c_int(fs_fd),
+                            ctypes.c_uint(FSCONFIG_SET_STRING), key.encode(), value.encode(),
+                            ctypes.c_int(0)), f"fsconfig {key}")
+        _check(_syscall(ctypes.c_long(SYS_FSCONFIG), ctypes.c_int(fs_fd),
+                        ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0)),
+               "fsconfig create")
+        return _check(_syscall(ctypes.c_long(SYS_FSMOUNT), ctypes.c_int(fs_fd),
+                               ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attrs)), "fsmount")
+    finally:
+        os.close(fs_fd)
 
 
 def mount_setattr_fd(fd: int, attr_set: int, attr_clr: int = 0) -> None:

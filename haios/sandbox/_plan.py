@@ -120,9 +120,8 @@ def build_plan(spec: StepSpec, *, dry_run: bool = False) -> LaunchPlan:
     view = mounts.ViewPlan(
         entries=compiled.entries,
         tmp_size_bytes=spec.profile.filesystem.tmp_size_bytes,
-        workspace=str(spec.workspace),
-        cost_dir=str(spec.cost_dir),
-        secret_dir="" if spec.secret_dir is None else str(spec.secret_dir),
+        tmp_inodes=spec.profile.filesystem.tmp_inodes,
+        has_secret=spec.mounts.secret is not None,
         uid=spec.uid,
         gid=spec.gid,
     )
@@ -134,7 +133,8 @@ def build_plan(spec: StepSpec, *, dry_run: bool = False) -> LaunchPlan:
         gid=spec.gid,
         namespaces=namespaces_for(spec.profile),
         hostname=HOSTNAME,
-        cgroup="" if spec.cgroup is None else str(spec.cgroup),
+        cgroups=tuple(str(path) for path in
+                      ((spec.cgroup,) if spec.cgroup is not None else ()) + spec.limit_cgroups),
         view=view,
         rlimits=rlimits.effective_rlimits(spec.profile.rlimits, spec.cpu_seconds_limit),
         cap_last_cap=cap_last_cap(),

@@ -4,7 +4,7 @@
 After the init is forked (directly or by the launcher), `supervise` runs a
 single poll loop in the calling thread:
 
-- drains stdout and stderr into the step's files, keeping at most
+- drains stdout and stderr into the step's capture descriptors, keeping at most
   `output_limit_bytes` of each and discarding the rest while still reading,
   so the step never blocks on a full pipe (T-S09);
 - reads the close-on-exec report pipe: text means a setup stage failed
@@ -15,7 +15,7 @@ single poll loop in the calling thread:
 - waits for the init to be reaped, which happens only after every process
   of the namespace is gone, and turns what it saw into a `StepOutcome`.
 
-Does I/O: creates the output files, reads pipes and cgroup files, sends signals.
+Does I/O: writes the output descriptors, reads pipes and cgroup files, sends signals.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from typing import Final
 from haios.errors import SandboxSetupError
 from haios.sandbox import _child, rlimits
 from haios.sandbox.spec import StepOutcome, StepSpec
+from haios.sandbox.stepfs import StepMounts
 
 READ_CHUNK_BYTES: Final = 65536
 #: how often the CPU use of the step's cgroup is compared with its limit
 CPU_POLL_SECONDS: Final = 0.1
 #: after the init is reaped every writer is dead; this only bounds a bug
 DRAIN_AFTER_EXIT_SECONDS: Final = 2.0
-OUTPUT_FILE_MODE: Final = 0o600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,14 +94,16 @@ class ParentEnds:
             os.close(fd)
 
 
-def open_pipes() -> tuple[_child.ChildFds, ParentEnds]:
-    """Four close-on-exec pipes; the engine's ends are non-blocking.
+def open_pipes(mounts: StepMounts) -> tuple[_child.ChildFds, ParentEnds]:
+    """Four close-on-exec pipes and clones of the step's filesystems for the child.
+
+    The engine's pipe ends are non-blocking.
 
     Raises:
-        SandboxSetupError: out of descriptors.
+        SandboxSetupError: out of descriptors, or a mount cannot be cloned.
 
     Side Effects:
-        Creates pipes.
+        Creates pipes and detached mount clones.
     """
     made: list[tuple[int, int]] = []
     try:
@@ -112,9 +114,17 @@ def open_pipes() -> tuple[_child.ChildFds, ParentEnds]:
             os.close(read_end)
             os.close(write_end)
         raise SandboxSetupError(f"cannot create pipes ({exc.strerror})") from exc
+    try:
+        clones = mounts.clone_fds()
+    except BaseException:
+        for read_end, write_end in made:
+            os.close(read_end)
+            os.close(write_end)
+        raise
     for read_end, _ in made:
         os.set_blocking(read_end, False)
-    child = _child.ChildFds(*(write_end for _, write_end in made))
+    writes = [write_end for _, write_end in made]
+    child = _child.ChildFds(writes[0], writes[1], writes[2], writes[3], *clones)
     parent = ParentEnds(*(read_end for read_end, _ in made))
     return child, parent
 
@@ -126,23 +136,8 @@ def close_child_ends(pipes: _child.ChildFds) -> None:
         Closes descriptors.
     """
     for fd in dataclasses.astuple(pipes):
-        os.close(fd)
-
-
-def create_output_file(path: Path) -> int:
-    """Create a step output file; refuse anything already there (no symlink followed).
-
-    Raises:
-        SandboxSetupError: the path exists or cannot be created.
-
-    Side Effects:
-        Creates a file (mode 0600).
-    """
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        return os.open(path, flags, OUTPUT_FILE_MODE)
-    except OSError as exc:
-        raise SandboxSetupError(f"cannot create step output {path} ({exc.strerror})") from exc
+        if fd >= 0:
+            os.close(fd)
 
 
 class _Sink:

@@ -89,12 +89,16 @@ def confinement_record(spec: StepSpec) -> dict[str, Any]:
         "filesystem": {
             "root": "tmpfs, read-only",
             "read_only": [{"path": entry.path, "kind": entry.kind} for entry in plan.view.entries],
-            "workspace": {"path": VIEW_WORKSPACE, "access": "read-write"},
+            "workspace": {"path": VIEW_WORKSPACE, "access": "read-write",
+                          "filesystem": "private tmpfs, discarded after the step",
+                          "size_bytes": spec.profile.filesystem.workspace_size_bytes,
+                          "inodes": spec.profile.filesystem.workspace_inodes},
             "cost_dir": {"path": VIEW_COST_DIR, "access": "read-write"},
             "secret_dir": {"path": VIEW_SECRET_DIR, "access": "read-only"}
-            if plan.view.secret_dir
+            if plan.view.has_secret
             else None,
-            "tmp": {"path": "/tmp", "size_bytes": plan.view.tmp_size_bytes},
+            "tmp": {"path": "/tmp", "size_bytes": plan.view.tmp_size_bytes,
+                    "inodes": plan.view.tmp_inodes},
             "proc": {"path": "/proc", "options": mounts.PROC_OPTIONS},
             "dev": sorted(name for name, _major, _minor in mounts.DEVICES),
         },

@@ -34,6 +34,7 @@ from typing import Any, Final, Self
 from haios.errors import SandboxSetupError
 from haios.sandbox import _supervise
 from haios.sandbox._launchplan import LaunchPlan, to_wire
+from haios.sandbox.stepfs import StepMounts
 
 REPLY_MAX_BYTES: Final = 65536
 START_TIMEOUT_SECONDS: Final = 30.0
@@ -129,12 +130,13 @@ class Launcher:
         return self._process.pid
 
     def spawn(
-        self, plan: LaunchPlan, stack: ExitStack
+        self, plan: LaunchPlan, mounts: StepMounts, stack: ExitStack
     ) -> tuple[_supervise.Spawned, _supervise.ParentEnds]:
         """Have the launcher fork one step's init.
 
         Args:
             plan: the launch plan.
+            mounts: the step's filesystems; clones travel with the request.
             stack: receives the cleanup of every descriptor opened here.
 
         Returns:
@@ -146,11 +148,13 @@ class Launcher:
         Side Effects:
             Creates pipes and sockets; the launcher forks.
         """
-        child_ends, parent_ends = _supervise.open_pipes()
+        child_ends, parent_ends = _supervise.open_pipes(mounts)
         stack.callback(parent_ends.close)
         reply, remote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         stack.callback(reply.close)
-        request = json.dumps({"plan": to_wire(plan)}).encode()
+        step_fs = [fd for fd in (child_ends.workspace, child_ends.cost, child_ends.secret)
+                   if fd >= 0]
+        request = json.dumps({"plan": to_wire(plan), "mounts": len(step_fs)}).encode()
         try:
             with self._send_lock:
                 socket.send_fds(
@@ -162,6 +166,7 @@ class Launcher:
                         child_ends.stderr_w,
                         child_ends.report_w,
                         child_ends.status_w,
+                        *step_fs,
                     ],
                 )
         except OSError as exc:

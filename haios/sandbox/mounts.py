@@ -12,9 +12,11 @@ the init after unshare(CLONE_NEWNS)) builds the view:
    (mount_setattr), so submounts are read-only too;
 3. mount a fresh tmpfs root on the staging directory and attach the clones,
    symlinks, /proc (hidepid=invisible, subset=pid), a minimal /dev (null,
-   zero, full, random, urandom; no tty, no pts), /dev/shm, a private /tmp,
-   the workspace and cost directory read-write, the secret directory
-   read-only, and generated /etc/passwd and /etc/group naming only the step;
+   zero, full, random, urandom; no tty, no pts), /dev/shm and a private
+   /tmp (both capped in bytes and inodes), the workspace and cost
+   filesystems read-write and the secret filesystem read-only (detached
+   tmpfs mounts the engine made, received as descriptors: no host path, see
+   stepfs.py), and generated /etc/passwd and /etc/group naming only the step;
 4. pivot_root into it, detach the old root, remount the root read-only.
 
 Nothing else of the host exists in the view. This module does no I/O at
@@ -38,7 +40,6 @@ STAGING_DIR: Final = "/tmp"
 PROC_OPTIONS: Final = "hidepid=invisible,subset=pid"
 ROOT_TMPFS_OPTIONS: Final = "size=1m,nr_inodes=4096,mode=0755"
 DEV_TMPFS_OPTIONS: Final = "size=64k,nr_inodes=64,mode=0755"
-TMP_INODES_PER_MIB: Final = 256
 
 #: (name, major, minor) of the character devices in /dev; no tty, no pts.
 DEVICES: Final = (
@@ -81,19 +82,17 @@ class ViewPlan:
 
     Attributes:
         entries: the profile's read-only paths, in profile order.
-        tmp_size_bytes: size of /tmp and /dev/shm.
-        workspace: host directory shown read-write at VIEW_WORKSPACE.
-        cost_dir: host directory shown read-write at VIEW_COST_DIR.
-        secret_dir: host directory shown read-only at VIEW_SECRET_DIR, or "".
+        tmp_size_bytes: size of /tmp and /dev/shm, each.
+        tmp_inodes: inode cap of /tmp and /dev/shm, each.
+        has_secret: a secret filesystem is shown read-only at VIEW_SECRET_DIR.
         uid: the step's uid (for the generated /etc/passwd).
         gid: the step's gid (for the generated /etc/group).
     """
 
     entries: tuple[ViewEntry, ...]
     tmp_size_bytes: int
-    workspace: str
-    cost_dir: str
-    secret_dir: str
+    tmp_inodes: int
+    has_secret: bool
     uid: int
     gid: int
 
@@ -149,24 +148,32 @@ def _make_mountpoint(path: str, *, is_dir: bool) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
 
 
-def _clone_sources(plan: ViewPlan) -> list[tuple[int, str, bool]]:
+def _clone_sources(plan: ViewPlan, step_fs: StepFsFds) -> list[tuple[int, str, bool]]:
     """Detached, attribute-locked copies of every bound source.
+
+    Args:
+        plan: the view.
+        step_fs: the step's own filesystems (detached mounts received as
+            descriptors; they are used as they are, never looked up by path).
 
     Returns:
         (mount fd, view path relative to the new root, is_dir) triples.
     """
     clones: list[tuple[int, str, bool]] = []
-    sources = [
-        (e.path, e.path, RO_ATTRS, e.kind == "dir") for e in plan.entries if e.kind != "symlink"
-    ]
-    sources.append((plan.workspace, VIEW_WORKSPACE, RW_ATTRS, True))
-    sources.append((plan.cost_dir, VIEW_COST_DIR, RW_ATTRS, True))
-    if plan.secret_dir:
-        sources.append((plan.secret_dir, VIEW_SECRET_DIR, SECRET_ATTRS, True))
-    for source, view_path, attrs, is_dir in sources:
-        fd = _libc.open_tree_clone(source)
-        clones.append((fd, _relative(view_path), is_dir))
+    for entry in plan.entries:
+        if entry.kind != "symlink":
+            fd = _libc.open_tree_clone(entry.path)
+            clones.append((fd, _relative(entry.path), entry.kind == "dir"))
+            _libc.mount_setattr_fd(fd, RO_ATTRS)
+    owned = [(step_fs.workspace, VIEW_WORKSPACE, RW_ATTRS),
+             (step_fs.cost, VIEW_COST_DIR, RW_ATTRS)]
+    if plan.has_secret:
+        owned.append((step_fs.secret, VIEW_SECRET_DIR, SECRET_ATTRS))
+    for fd, view_path, attrs in owned:
+        if fd < 0:
+            raise OSError(9, f"no filesystem for {view_path}")
         _libc.mount_setattr_fd(fd, attrs)
+        clones.append((fd, _relative(view_path), True))
     return clones
 
 
@@ -183,7 +190,7 @@ def _build_dev(plan: ViewPlan) -> None:
         "dev/shm",
         "tmpfs",
         _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC,
-        f"size={plan.tmp_size_bytes},mode=1777",
+        f"size={plan.tmp_size_bytes},nr_inodes={plan.tmp_inodes},mode=1777",
     )
     # Read-only /dev: the step cannot add nodes or names next to the devices.
     _libc.mount(
@@ -211,7 +218,16 @@ def _write_identity_files(plan: ViewPlan) -> None:
             os.close(fd)
 
 
-def apply_view(plan: ViewPlan) -> None:
+@dataclasses.dataclass(frozen=True)
+class StepFsFds:
+    """Descriptors of the step's detached filesystems in the child (-1: none)."""
+
+    workspace: int
+    cost: int
+    secret: int
+
+
+def apply_view(plan: ViewPlan, step_fs: StepFsFds) -> None:
     """Build the step's filesystem view and make it the root (child side).
 
     Must run after unshare(CLONE_NEWNS) and, for /proc to show the step's PID
@@ -219,6 +235,7 @@ def apply_view(plan: ViewPlan) -> None:
 
     Args:
         plan: what to show.
+        step_fs: the step's own filesystems, attached (and so consumed) here.
 
     Raises:
         OSError: any mount, clone or file operation failed.
@@ -230,7 +247,7 @@ def apply_view(plan: ViewPlan) -> None:
     # (1) Private propagation first: later mounts must never reach the host.
     _libc.mount(None, "/", None, _libc.MS_REC | _libc.MS_PRIVATE, None)
     # (2) Clone every source before the staging tmpfs can hide any of them.
-    clones = _clone_sources(plan)
+    clones = _clone_sources(plan, step_fs)
     # (3) Assemble the new root.
     _libc.mount(
         "tmpfs",
@@ -257,13 +274,12 @@ def apply_view(plan: ViewPlan) -> None:
     )
     _build_dev(plan)
     os.mkdir("tmp", 0o1777)
-    inodes = max(1024, plan.tmp_size_bytes // (1024 * 1024) * TMP_INODES_PER_MIB)
     _libc.mount(
         "tmpfs",
         "tmp",
         "tmpfs",
         _libc.MS_NOSUID | _libc.MS_NODEV,
-        f"size={plan.tmp_size_bytes},nr_inodes={inodes},mode=1777",
+        f"size={plan.tmp_size_bytes},nr_inodes={plan.tmp_inodes},mode=1777",
     )
     _write_identity_files(plan)
     # (4) Enter it. pivot_root(".", ".") stacks the old root on top of the

@@ -9,29 +9,29 @@ identity drop, both filters loaded) that stops just before execve. Anything
 missing raises `SandboxSetupError` naming every problem found. There is no
 weaker mode to fall back to (no silent downgrade).
 
-Does I/O: reads /proc, creates and removes a temporary directory, forks.
+Does I/O: reads /proc, creates detached tmpfs mounts, forks.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import tempfile
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Final
 
 from haios.errors import PolicyLoadError, SandboxSetupError
 from haios.sandbox import _libc, _plan, mounts, seccomp
 from haios.sandbox.profile import Profile
 from haios.sandbox.runner import NamespaceRunner
-from haios.sandbox.spec import StepSpec
+from haios.sandbox.spec import StepOutcome, StepSpec
+from haios.sandbox.stepfs import StepMounts, open_capture
 
 #: the unprivileged identity used for the dry runs (nobody/nogroup)
 PROBE_UID: Final = 65534
 PROBE_GID: Final = 65534
 PROBE_TIMEOUT_SECONDS: Final = 30.0
+PROBE_FS_BYTES: Final = 1 << 20
+PROBE_FS_INODES: Final = 64
 NAMESPACES: Final = ("pid", "mnt", "ipc", "uts", "net", "cgroup")
 #: capability numbers the setup uses (linux/capability.h)
 REQUIRED_CAPABILITIES: Final = {
@@ -78,25 +78,20 @@ def _host_problems() -> list[str]:
     return problems
 
 
-def _probe_spec(profile: Profile, scratch: Path) -> StepSpec:
-    work = scratch / profile.name
-    for sub in ("work", "cost"):
-        (work / sub).mkdir(parents=True)
+def _probe_spec(profile: Profile, step_fs: StepMounts, captures: tuple[int, int]) -> StepSpec:
     return StepSpec(
         plan_id="preflight",
         step_id=f"preflight-{profile.name}",
         argv=("/bin/true",),
         env={"PATH": "/usr/bin:/bin"},
-        workspace=work / "work",
-        cost_dir=work / "cost",
-        secret_dir=None,
+        mounts=step_fs,
         profile=profile,
         uid=PROBE_UID,
         gid=PROBE_GID,
         timeout_seconds=PROBE_TIMEOUT_SECONDS,
         cpu_seconds_limit=None,
-        stdout_path=work / "stdout",
-        stderr_path=work / "stderr",
+        stdout_fd=captures[0],
+        stderr_fd=captures[1],
         output_limit_bytes=4096,
         cgroup=None,
     )
@@ -104,20 +99,28 @@ def _probe_spec(profile: Profile, scratch: Path) -> StepSpec:
 
 def _profile_problems(profiles: Iterable[Profile], runner: NamespaceRunner) -> list[str]:
     problems: list[str] = []
-    scratch = Path(tempfile.mkdtemp(prefix="haios-preflight-"))
-    try:
-        for profile in profiles:
-            try:
-                _plan.compiled_profile(profile)
-                outcome = runner.dry_run(_probe_spec(profile, scratch))
-            except (SandboxSetupError, PolicyLoadError) as exc:
-                problems.append(f"profile {profile.name}: {exc}")
-                continue
-            if outcome.exit_code != 0:
-                problems.append(f"profile {profile.name}: dry run ended with {outcome}")
-    finally:
-        shutil.rmtree(scratch)
+    for profile in profiles:
+        try:
+            _plan.compiled_profile(profile)
+            outcome = _dry_run(profile, runner)
+        except (SandboxSetupError, PolicyLoadError) as exc:
+            problems.append(f"profile {profile.name}: {exc}")
+            continue
+        if outcome.exit_code != 0:
+            problems.append(f"profile {profile.name}: dry run ended with {outcome}")
     return problems
+
+
+def _dry_run(profile: Profile, runner: NamespaceRunner) -> StepOutcome:
+    step_fs = StepMounts.create(PROBE_UID, PROBE_GID, workspace_bytes=PROBE_FS_BYTES,
+                                workspace_inodes=PROBE_FS_INODES, with_secret=False)
+    captures = (open_capture("preflight-out"), open_capture("preflight-err"))
+    try:
+        return runner.dry_run(_probe_spec(profile, step_fs, captures))
+    finally:
+        step_fs.close()
+        for fd in captures:
+            os.close(fd)
 
 
 def check_sandbox_prerequisites(
@@ -134,8 +137,8 @@ def check_sandbox_prerequisites(
             type, seccomp, libseccomp, a profile path, a failed dry run).
 
     Side Effects:
-        Forks one dry-run sandbox per profile; creates and removes a
-        temporary directory.
+        Forks one dry-run sandbox per profile, each with its own small
+        detached filesystems.
     """
     problems = _host_problems()
     if not problems:

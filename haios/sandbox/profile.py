@@ -6,19 +6,19 @@ host paths it sees read-only, its resource limits and its seccomp allowlist.
 The format is documented for operators in `docs/sandbox.md`; each model field
 below states its unit and default.
 
-`load_profile` is the only function here that does I/O (it reads one file,
-without following symlinks, under a size cap). `Profile` validation and
-`lint_profile` are pure. Every problem is reported as
+`load_profile` and `load_profile_from` are the only functions here that do
+I/O: they read one file through `haios.load.policy_folder.PolicyFolder`, the
+reader every policy file goes through (no symlink followed, owned by root or
+the engine's user, not writable by group or others, size-capped). `Profile`
+validation and `lint_profile` are pure. Every problem is reported as
 `haios.errors.PolicyLoadError` with a one-line reason naming the file and field.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import posixpath
 import re
-import stat
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
@@ -32,15 +32,20 @@ from pydantic import (
     model_validator,
 )
 
+from haios._util.strict_json import printable
 from haios.errors import PolicyLoadError
+from haios.load.policy_folder import PolicyFolder
 from haios.sandbox import syscall_policy
 from haios.sandbox.spec import VIEW_COST_DIR, VIEW_SECRET_DIR, VIEW_WORKSPACE
 
 PROFILE_SCHEMA: Final = "haios/profile/v1"
 PROFILE_MAX_BYTES: Final = 256 * 1024
+PROFILES_DIR: Final = "profiles"
 PROFILE_NAME_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 MIB: Final = 1024 * 1024
 GIB: Final = 1024 * MIB
+MIN_INODES: Final = 64
+MAX_INODES: Final = 1 << 24
 
 #: View paths the sandbox builds itself; a profile may not bind over them.
 RESERVED_VIEW_PATHS: Final = (
@@ -238,10 +243,42 @@ class FilesystemPolicy(_Strict):
         read_only: host paths bound read-only (at least one; no default).
         tmp_size_bytes: size of the private tmpfs at /tmp and of /dev/shm, in
             bytes. Default 64 MiB (1 MiB..16 GiB).
+        tmp_inodes: inode cap (files, directories, links) of /tmp and of
+            /dev/shm, each. Default 16384 (64..16777216).
+        workspace_size_bytes: size of the step's workspace, a private tmpfs
+            discarded after its products are copied out, in bytes. Default
+            256 MiB (1 MiB..64 GiB).
+        workspace_inodes: inode cap of that workspace tmpfs. Default 65536
+            (64..16777216).
     """
 
     read_only: Annotated[tuple[ReadOnlyPath, ...], Field(min_length=1)]
     tmp_size_bytes: Annotated[int, Field(ge=MIB, le=16 * GIB)] = 64 * MIB
+    tmp_inodes: Annotated[int, Field(ge=MIN_INODES, le=MAX_INODES)] = 16384
+    workspace_size_bytes: Annotated[int, Field(ge=MIB, le=64 * GIB)] = 256 * MIB
+    workspace_inodes: Annotated[int, Field(ge=MIN_INODES, le=MAX_INODES)] = 65536
+
+
+class CgroupLimits(_Strict):
+    """Limits on the step's whole process tree, enforced by cgroup controllers.
+
+    Unlike `Rlimits` (per process or per uid), these bound every process of
+    the step together, descendants that outlived their parent included. They
+    are enforced with the cgroup v2 controllers where available, the v1
+    controllers on a hybrid host; a host that cannot enforce them makes the
+    run refuse to start (exit 6).
+
+    Attributes:
+        memory_max_bytes: memory of the whole step tree, as the memory
+            controller counts it (anonymous memory, page cache, tmpfs pages
+            of /tmp, /dev/shm and the workspace, kernel memory), in bytes.
+            Default 1 GiB (16 MiB..1 TiB).
+        pids_max: processes and threads of the whole step tree (the pids
+            controller). Default 512 (8..65536).
+    """
+
+    memory_max_bytes: Annotated[int, Field(ge=16 * MIB, le=1024 * GIB)] = GIB
+    pids_max: Annotated[int, Field(ge=8, le=65536)] = 512
 
 
 class Profile(_Strict):
@@ -255,8 +292,9 @@ class Profile(_Strict):
         description: what the profile is for (required).
         network: false (default) gives the step a private network namespace
             with no usable interface; true shares the host's.
-        rlimits: resource limits (defaults as in `Rlimits`).
-        filesystem: the read-only view (required).
+        rlimits: per-process resource limits (defaults as in `Rlimits`).
+        cgroup: limits on the whole step tree (defaults as in `CgroupLimits`).
+        filesystem: the read-only view and the tmpfs sizes (required).
         seccomp: the system-call allowlist (required).
     """
 
@@ -268,6 +306,7 @@ class Profile(_Strict):
     description: _COMMENT
     network: bool = False
     rlimits: Rlimits = Rlimits()
+    cgroup: CgroupLimits = CgroupLimits()
     filesystem: FilesystemPolicy
     seccomp: SeccompPolicy
 
@@ -433,46 +472,10 @@ def _freeze(value: Any) -> Any:
     return value
 
 
-def _read_profile_bytes(policy_dir: Path, name: str) -> bytes:
-    """Read `policy_dir/profiles/<name>.toml` without following symlinks.
-
-    Side Effects:
-        Opens and reads one file.
-    """
-    shown = f"profiles/{name}.toml"
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-    try:
-        dir_fd = os.open(policy_dir / "profiles", flags | os.O_DIRECTORY)
-    except OSError as exc:
-        raise PolicyLoadError(f"{policy_dir}/profiles: cannot open ({exc.strerror})") from exc
-    try:
-        fd = os.open(f"{name}.toml", flags | os.O_NONBLOCK, dir_fd=dir_fd)
-    except OSError as exc:
-        raise PolicyLoadError(
-            f"{shown}: cannot open ({exc.strerror}; symlinks are refused)"
-        ) from exc
-    finally:
-        os.close(dir_fd)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise PolicyLoadError(f"{shown}: not a regular file")
-        if info.st_size > PROFILE_MAX_BYTES:
-            raise PolicyLoadError(f"{shown}: larger than {PROFILE_MAX_BYTES} bytes")
-        data = os.read(fd, PROFILE_MAX_BYTES + 1)
-    except OSError as exc:
-        raise PolicyLoadError(f"{shown}: cannot read ({exc.strerror})") from exc
-    finally:
-        os.close(fd)
-    if len(data) > PROFILE_MAX_BYTES:
-        raise PolicyLoadError(f"{shown}: larger than {PROFILE_MAX_BYTES} bytes")
-    return data
-
-
 def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
+    error = exc.errors(include_url=False, include_input=False)[0]
     location = ".".join(str(part) for part in error["loc"]) or "(top level)"
-    return f"{location}: {error['msg']}"
+    return f"{printable(location)}: {printable(error['msg'])}"
 
 
 def parse_profile(name: str, data: bytes) -> Profile:
@@ -506,6 +509,9 @@ def parse_profile(name: str, data: bytes) -> Profile:
 def load_profile(policy_dir: Path, name: str) -> Profile:
     """Load, validate and lint `policy_dir/profiles/<name>.toml`.
 
+    Opens `policy_dir` as a `PolicyFolder` (the folder and `profiles/` are
+    checked like the file) and calls `load_profile_from`.
+
     Args:
         policy_dir: the operator's policy folder.
         name: the profile name; must match ``^[a-z0-9][a-z0-9_-]{0,63}$``.
@@ -513,13 +519,38 @@ def load_profile(policy_dir: Path, name: str) -> Profile:
     Returns:
         The validated profile, with `name` and `digest` set.
 
+    Raises:
+        PolicyLoadError: as `load_profile_from`, or an unsafe policy folder.
+        SandboxSetupError: libseccomp is not available.
+
+    Side Effects:
+        Reads one file.
+    """
+    if not PROFILE_NAME_RE.fullmatch(name):
+        raise PolicyLoadError(f"profile name {name!r} does not match {PROFILE_NAME_RE.pattern}")
+    with PolicyFolder.open(policy_dir) as folder:
+        return load_profile_from(folder, name)
+
+
+def load_profile_from(folder: PolicyFolder, name: str) -> Profile:
+    """Load, validate and lint `profiles/<name>.toml` of an opened policy folder.
+
     The seccomp filter is compiled here too (and cached for the run), so
     an unknown system-call name is a load error, before any step runs.
 
+    Args:
+        folder: the opened policy folder.
+        name: the profile name; must match ``^[a-z0-9][a-z0-9_-]{0,63}$``.
+
+    Returns:
+        The validated profile, with `name` and `digest` set.
+
     Raises:
-        PolicyLoadError: bad name, missing/symlinked/oversized file, invalid
-            TOML, unknown field, wrong type, a lint finding, or a rule
-            libseccomp cannot compile.
+        PolicyLoadError: bad name; `profiles/` or the file missing, a
+            symlink, not a directory / regular file, writable by group or
+            others, owned by another user or oversized; invalid TOML, unknown
+            field, wrong type, a lint finding, or a rule libseccomp cannot
+            compile.
         SandboxSetupError: libseccomp is not available.
 
     Side Effects:
@@ -530,10 +561,12 @@ def load_profile(policy_dir: Path, name: str) -> Profile:
 
     if not PROFILE_NAME_RE.fullmatch(name):
         raise PolicyLoadError(f"profile name {name!r} does not match {PROFILE_NAME_RE.pattern}")
-    profile = parse_profile(name, _read_profile_bytes(policy_dir, name))
+    shown = f"{PROFILES_DIR}/{name}.toml"
+    data = folder.read(shown, max_bytes=PROFILE_MAX_BYTES, label=shown)
+    profile = parse_profile(name, data)
     lint_profile(profile)
     try:
         seccomp.profile_program(profile)
     except PolicyLoadError as exc:
-        raise PolicyLoadError(f"profiles/{name}.toml: {exc}") from exc
+        raise PolicyLoadError(f"{shown}: {exc}") from exc
     return profile

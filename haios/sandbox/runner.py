@@ -34,7 +34,7 @@ def _direct_spawn(
     spec: StepSpec, plan_dry_run: bool, stack: ExitStack
 ) -> tuple[_supervise.Spawned, _supervise.ParentEnds]:
     plan = _plan.build_plan(spec, dry_run=plan_dry_run)
-    child_ends, parent_ends = _supervise.open_pipes()
+    child_ends, parent_ends = _supervise.open_pipes(spec.mounts)
     stack.callback(parent_ends.close)
     try:
         pid = _spawn.spawn_init(plan, child_ends)
@@ -87,13 +87,13 @@ class NamespaceRunner:
 
         Raises:
             SandboxSetupError: the confinement could not be built (uid 0,
-                output file exists, a setup stage failed, execve failed);
+                a setup stage failed, execve failed);
                 the step did not run.
             PolicyLoadError: the profile does not compile.
 
         Side Effects:
-            Forks, creates the step's stdout/stderr files, kills the tree at
-            the timeout.
+            Forks, writes the step's stdout/stderr descriptors, kills the
+            tree at the timeout.
         """
         return self._run(spec, on_start=on_start, dry_run=False)
 
@@ -102,16 +102,14 @@ class NamespaceRunner:
     ) -> StepOutcome:
         started = time.monotonic()
         with ExitStack() as stack:
-            stdout_fd = _supervise.create_output_file(spec.stdout_path)
-            stack.callback(os.close, stdout_fd)
-            stderr_fd = _supervise.create_output_file(spec.stderr_path)
-            stack.callback(os.close, stderr_fd)
             if self._launcher is None:
                 spawned, ends = _direct_spawn(spec, dry_run, stack)
             else:
-                spawned, ends = self._launcher.spawn(_plan.build_plan(spec, dry_run=dry_run), stack)
+                plan = _plan.build_plan(spec, dry_run=dry_run)
+                spawned, ends = self._launcher.spawn(plan, spec.mounts, stack)
             return _supervise.supervise(
-                spec, spawned, ends, (stdout_fd, stderr_fd), started=started, on_start=on_start
+                spec, spawned, ends, (spec.stdout_fd, spec.stderr_fd), started=started,
+                on_start=on_start,
             )
 
     def dry_run(self, spec: StepSpec) -> StepOutcome:

@@ -5,8 +5,10 @@ The engine decides *what* runs (argv, environment, workspace, identity,
 limits); a `StepRunner` decides *how* it is confined. This module holds only
 the value types and the protocol: no I/O.
 
-Paths inside the step's view are fixed here so the engine can compute the
-environment before the runner builds the view:
+No host path crosses this seam: the step's writable filesystems and its
+output captures are descriptors. Paths inside the step's view are fixed
+here so the engine can compute the environment before the runner builds
+the view:
 
 - the workspace (read-write, HOME and cwd): `VIEW_WORKSPACE`
 - the cost report directory (read-write):   `VIEW_COST_DIR`
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from haios.sandbox.profile import Profile
+    from haios.sandbox.stepfs import StepMounts
 
 VIEW_WORKSPACE = "/haios/work"
 VIEW_COST_DIR = "/haios/cost"
@@ -39,37 +42,40 @@ class StepSpec:
         step_id: the step's id.
         argv: the step's `run`, absolute program path first.
         env: the complete environment of the step (contract section 9).
-        workspace: host directory shown read-write at `VIEW_WORKSPACE`.
-        cost_dir: host directory shown read-write at `VIEW_COST_DIR`.
-        secret_dir: host directory shown read-only at `VIEW_SECRET_DIR`, or None.
+        mounts: the step's private filesystems, detached tmpfs mounts that
+            no host path names: workspace (read-write at `VIEW_WORKSPACE`),
+            cost dir (read-write at `VIEW_COST_DIR`) and, with a Vault scope,
+            the token (read-only at `VIEW_SECRET_DIR`). The caller owns them.
         profile: the sandbox profile the policy resolved for the step.
         uid: unprivileged uid the step runs as (never 0).
         gid: unprivileged gid the step runs as (never 0).
         timeout_seconds: wall-clock limit; past it the whole tree is killed.
         cpu_seconds_limit: CPU limit in seconds (RLIMIT_CPU), already bounded
             by the step's budget reservation, or None for the profile's limit.
-        stdout_path: host file receiving the step's stdout (created by the runner).
-        stderr_path: host file receiving the step's stderr (created by the runner).
+        stdout_fd: descriptor receiving the step's stdout (the caller owns it).
+        stderr_fd: descriptor receiving the step's stderr (the caller owns it).
         output_limit_bytes: at most this many bytes of each stream are kept.
-        cgroup: a cgroup v2 directory the step joins before exec, or None.
+        cgroup: a cgroup v2 directory the step joins before exec (kill and
+            CPU accounting), or None.
+        limit_cgroups: further cgroup directories the step joins before exec
+            (memory and process limits, v1 or v2), root-owned, never client paths.
     """
 
     plan_id: str
     step_id: str
     argv: tuple[str, ...]
     env: Mapping[str, str]
-    workspace: Path
-    cost_dir: Path
-    secret_dir: Path | None
+    mounts: StepMounts
     profile: Profile
     uid: int
     gid: int
     timeout_seconds: float
     cpu_seconds_limit: int | None
-    stdout_path: Path
-    stderr_path: Path
+    stdout_fd: int
+    stderr_fd: int
     output_limit_bytes: int
     cgroup: Path | None
+    limit_cgroups: tuple[Path, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,7 +117,7 @@ class StepRunner(Protocol):
                 did not run (exec never happened).
 
         Side Effects:
-            Forks, creates the step's stdout/stderr files, kills the tree at
-            the timeout.
+            Forks, writes the step's stdout/stderr descriptors, kills the
+            tree at the timeout.
         """
         ...

@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 
 from haios.sandbox.runner import NamespaceRunner
-from tests.sandbox_helpers import run_python_probe
+from tests.sandbox_helpers import (
+    run_python_probe,
+    workspace_path,
+)
 
 X32_SYSCALL_BIT = 0x40000000
 STARTED = "open('/haios/work/started', 'w').close()\n"
@@ -51,7 +54,7 @@ INT80_PTRACE = (
 )
 def test_foreign_abi_or_unknown_call_kills_the_step(tmp_path: Path, name: str, body: str) -> None:
     probe = run_python_probe(NamespaceRunner(), tmp_path, body, name=name)
-    assert (probe.spec.workspace / "started").exists(), probe.stderr
+    assert (workspace_path(probe.spec) / "started").exists(), probe.stderr
     assert probe.results == {}
     assert probe.outcome.signal == signal.SIGSYS
     assert probe.outcome.violation == "seccomp"

@@ -23,7 +23,13 @@ from pathlib import Path
 import pytest
 
 from haios.sandbox.runner import NamespaceRunner
-from tests.sandbox_helpers import POLICY_DIR, ProbeRun, run_python_probe
+from tests.sandbox_helpers import (
+    POLICY_DIR,
+    ProbeRun,
+    cost_path,
+    run_python_probe,
+    workspace_path,
+)
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNS = 0x00020000
@@ -282,8 +288,8 @@ def test_workspace_cost_dir_and_private_tmp_are_writable(
     assert probe.results["write_workspace"] == 0
     assert probe.results["write_private_tmp"] == 0
     assert probe.results["write_cost_dir"] == 0
-    assert (probe.spec.workspace / "ok.txt").read_text() == "x"
-    assert (probe.spec.cost_dir / "report.json").read_text() == "{}"
+    assert (workspace_path(probe.spec) / "ok.txt").read_text() == "x"
+    assert (cost_path(probe.spec) / "report.json").read_text() == "{}"
     assert probe.results["mkdir_under_haios"] == errno.EROFS
 
 

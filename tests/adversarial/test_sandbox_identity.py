@@ -20,7 +20,13 @@ import pytest
 
 from haios.sandbox.launcher import Launcher
 from haios.sandbox.runner import NamespaceRunner
-from tests.sandbox_helpers import ProbeRun, make_spec, run_spec, status_fields
+from tests.sandbox_helpers import (
+    ProbeRun,
+    make_spec,
+    run_spec,
+    status_fields,
+    workspace_path,
+)
 
 PROBE = r"""
 set -e
@@ -49,7 +55,7 @@ def identity_probe(
     spec = make_spec(tmp_path_factory.mktemp(request.param), ("/bin/sh", "-c", PROBE))
     probe = run_spec(runner, spec)
     assert probe.outcome.exit_code == 0, probe.stderr
-    status = status_fields((spec.workspace / "status").read_text())
+    status = status_fields((workspace_path(spec) / "status").read_text())
     return probe, status
 
 
@@ -102,26 +108,27 @@ def test_only_stdio_descriptors_are_inherited(
 ) -> None:
     probe, _status = identity_probe
     # 3 is the directory ls itself opened to list /proc/self/fd.
-    assert (probe.spec.workspace / "fds").read_text().split() == ["0", "1", "2", "3"]
+    assert (workspace_path(probe.spec) / "fds").read_text().split() == ["0", "1", "2", "3"]
 
 
 def test_environment_is_exactly_the_engines(
     identity_probe: tuple[ProbeRun, dict[str, str]],
 ) -> None:
     probe, _status = identity_probe
-    lines = [line for line in (probe.spec.workspace / "environ").read_text().splitlines() if line]
+    environ = (workspace_path(probe.spec) / "environ").read_text()
+    lines = [line for line in environ.splitlines() if line]
     assert dict(line.split("=", 1) for line in lines) == dict(probe.spec.env)
 
 
 def test_pid_1_is_the_steps_init(identity_probe: tuple[ProbeRun, dict[str, str]]) -> None:
     probe, _status = identity_probe
-    pid, ppid = (probe.spec.workspace / "pids").read_text().split()
+    pid, ppid = (workspace_path(probe.spec) / "pids").read_text().split()
     assert (pid, ppid) == ("2", "1")
 
 
 def test_id_reports_only_the_primary_group(identity_probe: tuple[ProbeRun, dict[str, str]]) -> None:
     probe, _status = identity_probe
-    assert (probe.spec.workspace / "groups").read_text().split() == [str(probe.spec.gid)]
+    assert (workspace_path(probe.spec) / "groups").read_text().split() == [str(probe.spec.gid)]
 
 
 def test_contract_tools_run_normally(tmp_path: Path) -> None:
@@ -144,4 +151,4 @@ def test_contract_tools_run_normally(tmp_path: Path) -> None:
         assert probe.results["out"] == "2\n/usr/bin/python3\n"
         assert probe.results["pid"] == 2
         assert probe.results["cwd"] == probe.results["home"] == "/haios/work"
-        assert (spec.workspace / "copy.txt").exists()
+        assert (workspace_path(spec) / "copy.txt").exists()

@@ -12,6 +12,8 @@ step's uid may remain afterwards.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import signal
 import time
@@ -27,6 +29,7 @@ from tests.sandbox_helpers import (
     run_python_probe,
     run_spec,
     shipped_profile,
+    workspace_path,
 )
 
 
@@ -41,7 +44,7 @@ def test_fork_bomb_is_contained_and_the_tree_dies(tmp_path: Path) -> None:
     )
     started = time.monotonic()
     probe = run_python_probe(NamespaceRunner(), tmp_path, body, timeout_seconds=3.0)
-    assert (probe.spec.workspace / "started").exists()
+    assert (workspace_path(probe.spec) / "started").exists()
     assert probe.outcome.timed_out
     assert time.monotonic() - started < 15
     assert processes_of_uid(probe.spec.uid) == []
@@ -68,16 +71,52 @@ def test_memory_bomb_fails_to_allocate(tmp_path: Path) -> None:
 
 
 def test_disk_filler_is_stopped_by_the_file_size_limit(tmp_path: Path) -> None:
+    # A workspace larger than RLIMIT_FSIZE, so the rlimit is what stops dd.
+    base = shipped_profile("default")
+    small = base.rlimits.model_copy(update={"file_size_bytes": 8 << 20})
+    profile = base.model_copy(update={"rlimits": small})
+    spec = make_spec(tmp_path, ("/usr/bin/dd", "if=/dev/zero", "of=/haios/work/big", "bs=1M"),
+                     profile=profile)
+    probe = run_spec(NamespaceRunner(), spec)
+    assert probe.outcome.signal == signal.SIGXFSZ
+    assert probe.outcome.violation == "file_size"
+    assert (workspace_path(spec) / "big").stat().st_size == 8 << 20
+
+
+def test_disk_filler_fills_only_its_own_workspace(tmp_path: Path) -> None:
+    """T-MT05: the workspace is a capped tmpfs; filling it fails the write
+    with ENOSPC inside the step, and the host's disks never see a byte."""
     spec = make_spec(tmp_path, ("/usr/bin/dd", "if=/dev/zero", "of=/haios/work/big", "bs=1M"))
-    try:
-        probe = run_spec(NamespaceRunner(), spec)
-        assert probe.outcome.signal == signal.SIGXFSZ
-        assert probe.outcome.violation == "file_size"
-        assert (spec.workspace / "big").stat().st_size == shipped_profile(
-            "default"
-        ).rlimits.file_size_bytes
-    finally:
-        (spec.workspace / "big").unlink(missing_ok=True)
+    probe = run_spec(NamespaceRunner(), spec)
+    assert probe.outcome.exit_code == 1
+    assert "No space left on device" in probe.stderr
+    size = (workspace_path(spec) / "big").stat().st_size
+    assert size <= shipped_profile("default").filesystem.workspace_size_bytes
+    spec.mounts.close()  # the whole filesystem goes with the last descriptor
+
+
+def test_inode_bomb_is_capped_in_the_workspace_tmp_and_shm(tmp_path: Path) -> None:
+    """T-MT05: /haios/work, /tmp and /dev/shm each cap their inode count."""
+    body = (
+        "for where in ('/haios/work', '/tmp', '/dev/shm'):\n"
+        "    made = 0\n"
+        "    try:\n"
+        "        while made < 10_000_000:\n"
+        "            open(f'{where}/f{made}', 'w').close()\n"
+        "            made += 1\n"
+        "    except OSError as exc:\n"
+        "        results[where] = [made, exc.errno]\n"
+        "print(json.dumps(results))\n"  # the workspace is full: report on stdout
+    )
+    base = shipped_profile("default")
+    probe = run_python_probe(NamespaceRunner(), tmp_path, body)
+    assert probe.outcome.exit_code == 0, probe.stderr
+    results = json.loads(probe.stdout)
+    assert results["/haios/work"][1] == errno.ENOSPC
+    assert results["/haios/work"][0] < base.filesystem.workspace_inodes
+    for where in ("/tmp", "/dev/shm"):
+        assert results[where][1] == errno.ENOSPC
+        assert results[where][0] < base.filesystem.tmp_inodes
 
 
 def test_cpu_burner_is_stopped_by_the_cpu_limit(tmp_path: Path) -> None:
@@ -129,15 +168,15 @@ def test_output_flood_is_capped_and_drained(tmp_path: Path) -> None:
     )
     probe = run_spec(NamespaceRunner(), spec)
     assert probe.outcome.exit_code == 0
-    assert spec.stdout_path.stat().st_size == 1000
-    assert spec.stderr_path.stat().st_size == 1000
+    assert os.fstat(spec.stdout_fd).st_size == 1000
+    assert os.fstat(spec.stderr_fd).st_size == 1000
 
 
 def test_endless_output_stops_at_the_timeout(tmp_path: Path) -> None:
     spec = make_spec(tmp_path, ("/usr/bin/yes",), output_limit_bytes=4096, timeout_seconds=1.0)
     probe = run_spec(NamespaceRunner(), spec)
     assert probe.outcome.timed_out
-    assert spec.stdout_path.stat().st_size == 4096
+    assert os.fstat(spec.stdout_fd).st_size == 4096
 
 
 def test_hard_limits_cannot_be_raised(tmp_path: Path) -> None:

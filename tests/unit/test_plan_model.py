@@ -105,3 +105,33 @@ def test_unknown_field_reason_names_the_field() -> None:
 def test_cycle_reason_names_the_cycle() -> None:
     with pytest.raises(SchemaError, match="cycle"):
         parse(mutated("steps.0.needs", ["s2"]))
+
+
+CONTROL_KEYS = {
+    "nul": ("\x00", "\\x00"),
+    "escape_sequence": ("\x1b[2J\x1b[31mx", "\\x1b[2J\\x1b[31mx"),
+    "osc_title": ("\x1b]0;owned\x07", "\\x1b]0;owned\\x07"),
+    "newline": ("a\nb", "a\\x0ab"),
+    "delete": ("a\x7fb", "a\\x7fb"),
+    "c1_csi": ("\x9b31m", "\\x9b31m"),
+    "line_separator": ("\u2028", "\\u2028"),
+    "bidi_override": ("\u202etxt_exe", "\\u202etxt_exe"),
+}
+
+
+@pytest.mark.parametrize(("key", "shown"), list(CONTROL_KEYS.values()), ids=list(CONTROL_KEYS))
+def test_unknown_key_with_control_characters_is_a_schema_error_escaped(key: str,
+                                                                       shown: str) -> None:
+    with pytest.raises(SchemaError) as caught:
+        parse(mutated(f"steps.0.{key}", True))
+    message = str(caught.value)
+    assert message == f"exec_plan.json: steps.0.{shown}: unknown field"
+    assert message.isprintable()
+
+
+@pytest.mark.parametrize(("key", "shown"), list(CONTROL_KEYS.values()), ids=list(CONTROL_KEYS))
+def test_env_key_with_control_characters_is_escaped(key: str, shown: str) -> None:
+    with pytest.raises(SchemaError) as caught:
+        parse(mutated("steps.0.env", {key: "x"}))
+    message = str(caught.value)
+    assert shown in message and message.isprintable()

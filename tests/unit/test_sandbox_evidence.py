@@ -46,9 +46,7 @@ def test_network_profile_record_says_host_network(tmp_path: Path) -> None:
 
 
 def test_secret_dir_is_recorded_read_only(tmp_path: Path) -> None:
-    secret = tmp_path / "secret"
-    secret.mkdir()
-    record = confinement_record(make_spec(tmp_path, ("/bin/true",), secret_dir=secret))
+    record = confinement_record(make_spec(tmp_path, ("/bin/true",), with_secret=True))
     assert record["filesystem"]["secret_dir"] == {"path": "/haios/secret", "access": "read-only"}
 
 

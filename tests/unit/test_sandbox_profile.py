@@ -148,6 +148,51 @@ INVALID = {
         MINIMAL.replace('syscalls = ["sync"]', 'syscalls = ["frobnicate"]'),
         "unknown x86_64 system call",
     ),
+    "workspace_too_small": (
+        MINIMAL.replace("[filesystem]", "[filesystem]\nworkspace_size_bytes = 1048575"),
+        "workspace_size_bytes",
+    ),
+    "workspace_too_large": (
+        MINIMAL.replace("[filesystem]", "[filesystem]\nworkspace_size_bytes = 68719476737"),
+        "workspace_size_bytes",
+    ),
+    "workspace_inodes_too_few": (
+        MINIMAL.replace("[filesystem]", "[filesystem]\nworkspace_inodes = 63"),
+        "workspace_inodes",
+    ),
+    "workspace_inodes_too_many": (
+        MINIMAL.replace("[filesystem]", "[filesystem]\nworkspace_inodes = 16777217"),
+        "workspace_inodes",
+    ),
+    "tmp_inodes_too_few": (
+        MINIMAL.replace("[filesystem]", "[filesystem]\ntmp_inodes = 63"),
+        "tmp_inodes",
+    ),
+    "tmp_inodes_too_many": (
+        MINIMAL.replace("[filesystem]", "[filesystem]\ntmp_inodes = 16777217"),
+        "tmp_inodes",
+    ),
+    "tmp_inodes_as_string": (
+        MINIMAL.replace("[filesystem]", '[filesystem]\ntmp_inodes = "64"'),
+        "tmp_inodes",
+    ),
+    "cgroup_memory_too_small": (
+        MINIMAL + "\n[cgroup]\nmemory_max_bytes = 16777215\n",
+        "memory_max_bytes",
+    ),
+    "cgroup_memory_too_large": (
+        MINIMAL + "\n[cgroup]\nmemory_max_bytes = 1099511627777\n",
+        "memory_max_bytes",
+    ),
+    "cgroup_pids_too_few": (MINIMAL + "\n[cgroup]\npids_max = 7\n", "pids_max"),
+    "cgroup_pids_too_many": (MINIMAL + "\n[cgroup]\npids_max = 65537\n", "pids_max"),
+    "cgroup_unknown_key": (MINIMAL + "\n[cgroup]\ncpu_max = 1\n", "cgroup.cpu_max"),
+    "cgroup_not_a_table": (MINIMAL.replace("network = false", "network = false\ncgroup = 1"),
+                           "cgroup"),
+    "control_character_in_key": (
+        MINIMAL + '\n[cgroup]\n"pids\\u0000\\u001b[2J" = 1\n',
+        r"cgroup\.pids\\x00\\x1b\[2J",
+    ),
 }
 
 
@@ -227,3 +272,90 @@ def test_profile_is_immutable(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="frozen"):
         profile.network = True  # type: ignore[misc]
     assert isinstance(profile.seccomp.allow, tuple)
+
+
+# -- workspace, tmpfs and cgroup settings ----------------------------------------
+
+
+def test_resource_settings_default_when_absent(tmp_path: Path) -> None:
+    profile = load_profile(write_profile(tmp_path, MINIMAL), "test")
+    assert profile.filesystem.workspace_size_bytes == 256 * 1024 * 1024
+    assert profile.filesystem.workspace_inodes == 65536
+    assert profile.filesystem.tmp_inodes == 16384
+    assert profile.filesystem.tmp_size_bytes == 64 * 1024 * 1024
+    assert profile.cgroup.memory_max_bytes == 1024 * 1024 * 1024
+    assert profile.cgroup.pids_max == 512
+
+
+def test_resource_settings_are_read_at_their_bounds(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "[filesystem]",
+        "[filesystem]\nworkspace_size_bytes = 1048576\nworkspace_inodes = 16777216\n"
+        "tmp_inodes = 64",
+    ) + "\n[cgroup]\nmemory_max_bytes = 1099511627776\npids_max = 8\n"
+    profile = load_profile(write_profile(tmp_path, text), "test")
+    assert profile.filesystem.workspace_size_bytes == 1 << 20
+    assert profile.filesystem.workspace_inodes == 1 << 24
+    assert profile.filesystem.tmp_inodes == 64
+    assert profile.cgroup.memory_max_bytes == 1 << 40
+    assert profile.cgroup.pids_max == 8
+
+
+@pytest.mark.parametrize("name", ["default", "network"])
+def test_shipped_profiles_state_every_resource_setting(name: str) -> None:
+    import tomllib
+
+    document = tomllib.loads((POLICY_DIR / "profiles" / f"{name}.toml").read_text())
+    assert set(document["cgroup"]) == {"memory_max_bytes", "pids_max"}
+    assert {"tmp_size_bytes", "tmp_inodes", "workspace_size_bytes",
+            "workspace_inodes"} <= set(document["filesystem"])
+    profile = load_profile(POLICY_DIR, name)
+    assert profile.cgroup.pids_max == 512
+    assert profile.filesystem.workspace_inodes == 65536
+
+
+# -- the policy folder's one rule applies to profiles (T-S11) --------------------
+
+
+UNSAFE = {
+    # id: (path relative to the policy dir, mutation, message fragment)
+    "world_writable_profile": ("profiles/test.toml", "mode:0o666",
+                               r"profiles/test.toml: writable by group or others \(mode 0666\)"),
+    "group_writable_profile": ("profiles/test.toml", "mode:0o664",
+                               r"profiles/test.toml: writable by group or others \(mode 0664\)"),
+    "foreign_profile": ("profiles/test.toml", "owner",
+                        "profiles/test.toml: owned by uid 65534, not by root"),
+    "world_writable_profiles_dir": ("profiles", "mode:0o777",
+                                    "policy profiles/: writable by group or others"),
+    "group_writable_profiles_dir": ("profiles", "mode:0o775",
+                                    "policy profiles/: writable by group or others"),
+    "foreign_profiles_dir": ("profiles", "owner", "policy profiles/: owned by uid 65534"),
+    "world_writable_policy_dir": ("", "mode:0o777", "policy folder .*: writable by group"),
+    "foreign_policy_dir": ("", "owner", "policy folder .*: owned by uid 65534"),
+}
+
+
+@pytest.mark.parametrize(("relative", "mutation", "fragment"), list(UNSAFE.values()),
+                         ids=list(UNSAFE))
+def test_unsafe_profile_or_folder_is_refused(tmp_path: Path, relative: str, mutation: str,
+                                             fragment: str) -> None:
+    policy = tmp_path / "policy"
+    policy.mkdir(mode=0o755)
+    write_profile(policy, MINIMAL)
+    load_profile(policy, "test")  # the baseline is acceptable
+    target = policy / relative if relative else policy
+    if mutation == "owner":
+        os.chown(target, 65534, 65534)
+    else:
+        os.chmod(target, int(mutation.removeprefix("mode:"), 8))
+    with pytest.raises(PolicyLoadError, match=fragment) as caught:
+        load_profile(policy, "test")
+    assert caught.value.exit_code == EXIT_ENVIRONMENT
+
+
+def test_symlinked_policy_folder_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    write_profile(tmp_path / "real", MINIMAL)
+    (tmp_path / "policy").symlink_to(tmp_path / "real")
+    with pytest.raises(PolicyLoadError, match="policy folder .*symlinks are refused"):
+        load_profile(tmp_path / "policy", "test")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from haios._util.strict_json import StrictJSONError, parse_strict_json
+from haios._util.strict_json import StrictJSONError, parse_strict_json, printable
 
 SUITE = Path(__file__).resolve().parents[3] / "shared" / "data" / "jsontestsuite" / "test_parsing"
 
@@ -50,3 +50,20 @@ def test_json_test_suite_n_and_y_cases() -> None:
             except StrictJSONError as exc:
                 # accepted-by-spec documents we refuse on purpose: depth, huge ints
                 assert "nesting" in str(exc) or "range" in str(exc), case.name
+
+
+@pytest.mark.parametrize(("text", "shown"), [
+    ("plain text, é and ✓", "plain text, é and ✓"),
+    ("a\x00b", "a\\x00b"),
+    ("\x1b[31mred\x1b[0m", "\\x1b[31mred\\x1b[0m"),
+    ("tab\tnewline\ncr\r", "tab\\x09newline\\x0acr\\x0d"),
+    ("\x7f\x85\x9b", "\\x7f\\x85\\x9b"),
+    ("\u2028\u2029\u202e\ufeff", "\\u2028\\u2029\\u202e\\ufeff"),
+    ("\ud800", "\\ud800"),
+    ("\U000e0041", "\\U000e0041"),
+    ("already \\x00 escaped", "already \\x00 escaped"),
+])
+def test_printable_escapes_every_non_printable_character(text: str, shown: str) -> None:
+    assert printable(text) == shown
+    assert printable(shown) == shown  # escaping twice changes nothing
+    assert shown.isprintable()
