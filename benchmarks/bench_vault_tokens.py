@@ -6,7 +6,7 @@ run and interleaved in blocks so drift hits both alike:
 
 - bare:  hvac `auth.token.create` (the same request haios sends) followed by
          `revoke_accessor`, on one hvac client (one HTTP session);
-- haios: `HvacProvider.issue` + `write_token_file` + `shred_token_dir` +
+- haios: `HvacProvider.issue` + `write_token_into` (fresh secret tmpfs) +
          `HvacProvider.revoke`, on one provider (one HTTP session);
 - haios without the file, to show what the file costs.
 
@@ -28,12 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from haios.sandbox.stepfs import StepMounts
 from haios.secrets import (
     HvacProvider,
     ScopeGrant,
     SecretProvider,
-    shred_token_dir,
-    write_token_file,
+    write_token_into,
 )
 from tests.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
 
@@ -60,11 +60,17 @@ def _bare_step(client: Any, step: int) -> None:
 
 
 def _haios_step(provider: SecretProvider, secret_root: Path, step: int) -> None:
-    """One step's token life in haios: issue, hand over in a file, remove, revoke."""
+    """One step's token life in haios: issue, hand over in the step's secret
+    filesystem (a fresh detached tmpfs), drop it, revoke."""
+    del secret_root  # nothing of the token lives under a host path
     issued = provider.issue(f"s{step}", GRANT, ttl_seconds=TTL_SECONDS)
-    secret_dir = secret_root / f"s{step}"
-    write_token_file(secret_dir, issued, *STEP_IDS)
-    shred_token_dir(secret_dir)
+    mounts = StepMounts.create(*STEP_IDS, workspace_bytes=1 << 20, workspace_inodes=64,
+                               with_secret=True)
+    try:
+        assert mounts.secret is not None
+        write_token_into(mounts.secret.dir.fd, issued, *STEP_IDS)
+    finally:
+        mounts.close()
     provider.revoke(issued.accessor)
 
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import datetime as dt
-import errno
 import hashlib
 import os
 from collections.abc import Iterator
 
 from haios import events as ev
-from haios._util.safedir import SafeDir, sha256_fd
+from haios._util.safedir import SafeDir, copy_chunk, sha256_fd
 from haios.errors import (
     CopyError,
     DigestError,
@@ -110,13 +109,17 @@ def copy_into(source: SafeDir, name: str, store: SafeDir, *, max_bytes: int) -> 
     fd, size = source.open_regular(name, max_bytes=max_bytes)
     try:
         store.unlink(name)
-        out = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                      0o444, dir_fd=store.fd)
+        try:
+            out = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          0o444, dir_fd=store.fd)
+        except OSError as exc:
+            raise CopyError(f"{store.label}/{name}: cannot create the copy ({exc.strerror})"
+                            ) from exc
         try:
             copied = 0
             while copied < size:
                 try:
-                    n = _copy_chunk(fd, out, size - copied)
+                    n = copy_chunk(fd, out, size - copied)
                 except OSError as exc:
                     raise CopyError(f"{store.label}/{name}: cannot write the copy "
                                     f"({exc.strerror})") from exc
@@ -132,17 +135,6 @@ def copy_into(source: SafeDir, name: str, store: SafeDir, *, max_bytes: int) -> 
             os.close(out)
     finally:
         os.close(fd)
-
-
-def _copy_chunk(src: int, dst: int, count: int) -> int:
-    """Copy in the kernel; between file systems of different types (a step's
-    tmpfs and the store's disk) copy_file_range refuses, sendfile does not."""
-    try:
-        return os.copy_file_range(src, dst, count)
-    except OSError as exc:
-        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
-            raise
-    return os.sendfile(dst, src, None, count)
 
 
 def _link_files(osr: OsRoot, policy: Policy, engine_keyid: str) -> Iterator[tuple[str, bytes]]:

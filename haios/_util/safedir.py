@@ -23,7 +23,7 @@ import stat
 from collections.abc import Callable, Iterator
 from typing import Final
 
-from haios.errors import BusyError, InputError, PathError
+from haios.errors import BusyError, CopyError, InputError, PathError
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -216,7 +216,7 @@ class SafeDir:
         def fill(fd: int) -> None:
             copied = 0
             while copied < size:
-                n = os.copy_file_range(src_fd, fd, size - copied, offset_src=copied)
+                n = copy_chunk(src_fd, fd, size - copied, offset_src=copied)
                 if n == 0:
                     raise PathError(f"{self.label}/{name}: source shrank while copying")
                 copied += n
@@ -235,6 +235,9 @@ class SafeDir:
             try:
                 fill(fd)
                 os.fsync(fd)
+            except OSError as exc:
+                # A full or failing disk is the environment, not the input.
+                raise CopyError(f"{self.label}/{name}: cannot write ({_reason(exc)})") from exc
             finally:
                 os.close(fd)
             os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
@@ -275,6 +278,21 @@ class SafeDir:
             yield
         finally:
             os.close(fd)
+
+
+def copy_chunk(src: int, dst: int, count: int, *, offset_src: int | None = None) -> int:
+    """Copy up to `count` bytes in the kernel; return how many were copied.
+
+    copy_file_range refuses between file systems of different types (a
+    step's tmpfs and the store's disk, the store and os_root); sendfile
+    does not.
+    """
+    try:
+        return os.copy_file_range(src, dst, count, offset_src=offset_src)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    return os.sendfile(dst, src, offset_src, count)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -7,9 +7,8 @@ Public names:
   (provider.py).
 - `HvacProvider`, `provider_from_environment`: the hvac backend (_hvac.py),
   imported on first use so that a run without Vault scopes never loads hvac.
-- `write_token_into`: the step's token file in its secret filesystem;
-  `write_token_file`, `shred_token_dir`: the same for a host directory
-  (client tools and tests) (tokenfile.py).
+- `write_token_into`: the step's token file in its secret filesystem
+  (tokenfile.py).
 - `revoke_leftovers`: retrying failed revocations (journal.py).
 
 Importing this package does no I/O.
@@ -22,12 +21,7 @@ from typing import TYPE_CHECKING
 
 from haios.secrets.journal import LeftoverRevocation, revoke_leftovers
 from haios.secrets.provider import IssuedToken, ScopeGrant, SecretProvider, VaultSession
-from haios.secrets.tokenfile import (
-    TOKEN_FILE_NAME,
-    shred_token_dir,
-    write_token_file,
-    write_token_into,
-)
+from haios.secrets.tokenfile import TOKEN_FILE_NAME, write_token_into
 
 if TYPE_CHECKING:
     from haios.secrets._hvac import HvacProvider
@@ -42,8 +36,6 @@ __all__ = [
     "VaultSession",
     "provider_from_environment",
     "revoke_leftovers",
-    "shred_token_dir",
-    "write_token_file",
     "write_token_into",
 ]
 

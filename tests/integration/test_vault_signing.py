@@ -21,12 +21,12 @@ from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import UnverifiedSignatureError
 from securesystemslib.signer import Signer, SSlibKey, VaultSigner
 
+from haios.sandbox.stepfs import StepMounts
 from haios.secrets import (
     TOKEN_FILE_NAME,
     HvacProvider,
     ScopeGrant,
-    shred_token_dir,
-    write_token_file,
+    write_token_into,
 )
 from tests.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
 
@@ -131,10 +131,14 @@ def test_a_step_token_cannot_sign_as_the_engine(
 ) -> None:
     engine = HvacProvider(openbao.addr, openbao.create_token([ENGINE_POLICY]))
     issued = engine.issue("s1", ScopeGrant((REPORTS_POLICY,), 60), ttl_seconds=60)
-    write_token_file(tmp_path / "secret", issued, 65534, 65534)
-    step = openbao.client((tmp_path / "secret" / TOKEN_FILE_NAME).read_text())
+    mounts = StepMounts.create(65533, 65533, workspace_bytes=1 << 20, workspace_inodes=64,
+                               with_secret=True)
+    assert mounts.secret is not None
+    write_token_into(mounts.secret.dir.fd, issued, 65533, 65533)
+    step = openbao.client(
+        Path(f"/proc/self/fd/{mounts.secret.dir.fd}/{TOKEN_FILE_NAME}").read_text())
+    mounts.close()
 
     with pytest.raises(hvac.exceptions.Forbidden):
         step.secrets.transit.sign_data(name=transit_key, hash_input="aGFpb3M=")
     engine.revoke(issued.accessor)
-    shred_token_dir(tmp_path / "secret")

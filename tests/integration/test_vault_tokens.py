@@ -21,14 +21,14 @@ import hvac
 import pytest
 
 from haios.errors import VaultUnavailableError
+from haios.sandbox.stepfs import StepMounts
 from haios.secrets import (
     TOKEN_FILE_NAME,
     HvacProvider,
     IssuedToken,
     ScopeGrant,
     revoke_leftovers,
-    shred_token_dir,
-    write_token_file,
+    write_token_into,
 )
 from tests.openbao import (
     ENGINE_POLICY,
@@ -61,11 +61,15 @@ def provider(openbao: OpenBaoServer, engine_token: str) -> Iterator[HvacProvider
 
 def _deliver(issued: IssuedToken, tmp_path: Path) -> str:
     """Hand the token over as the engine does and read it back as the step would."""
-    secret_dir = tmp_path / "secret"
-    write_token_file(secret_dir, issued, 65534, 65534)
-    token = (secret_dir / TOKEN_FILE_NAME).read_text()
-    shred_token_dir(secret_dir)
-    return token
+    del tmp_path  # nothing of the token lives under a host path
+    mounts = StepMounts.create(65533, 65533, workspace_bytes=1 << 20, workspace_inodes=64,
+                               with_secret=True)
+    try:
+        assert mounts.secret is not None
+        write_token_into(mounts.secret.dir.fd, issued, 65533, 65533)
+        return Path(f"/proc/self/fd/{mounts.secret.dir.fd}/{TOKEN_FILE_NAME}").read_text()
+    finally:
+        mounts.close()
 
 
 def _read(step: Any, path: str) -> dict[str, Any]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from haios._util.safedir import SafeDir, sha256_fd
-from haios.errors import BusyError, InputError, PathError
+from haios.errors import BusyError, CopyError, InputError, PathError
+from haios.sandbox.stepfs import StepFs
 
 
 @pytest.fixture
@@ -117,3 +118,30 @@ def test_sha256_fd_matches_hashlib(tmp_path: Path) -> None:
         assert sha256_fd(fd, 0) == hashlib.sha256(b"").hexdigest()
     finally:
         os.close(fd)
+
+
+def test_publish_across_file_system_types(tmp_path: Path) -> None:
+    """The store (disk) and a step's tmpfs or os_root may differ in type,
+    where copy_file_range refuses: the copy still happens in the kernel."""
+    fs = StepFs.create("test", size_bytes=1 << 20, inodes=16, mode=0o700, uid=0, gid=0)
+    try:
+        fs.dir.write_atomic("src.bin", b"x" * 70_000)
+        fd, size = fs.dir.open_regular("src.bin")
+        try:
+            with SafeDir.open(tmp_path) as dest:
+                dest.write_atomic_from("copy.bin", fd, size)
+        finally:
+            os.close(fd)
+    finally:
+        fs.close()
+    assert (tmp_path / "copy.bin").read_bytes() == b"x" * 70_000
+
+
+def test_full_destination_is_an_environment_error_not_a_crash() -> None:
+    fs = StepFs.create("test", size_bytes=64 * 1024, inodes=16, mode=0o700, uid=0, gid=0)
+    try:
+        with pytest.raises(CopyError, match="No space left"):
+            fs.dir.write_atomic("big.bin", b"x" * (1 << 20))
+        assert fs.dir.names() == []  # the temp file is gone too
+    finally:
+        fs.close()

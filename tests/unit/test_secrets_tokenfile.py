@@ -1,83 +1,79 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The step's token file on the host (threat T-V04, attack catalog case 81).
+"""The step's token file in its secret filesystem (threats T-V04, T-V13, T-MT02; catalog 81).
 
-Attacker: another step or local user who wants the token, or whoever can
-plant a symlink or a stale directory where the engine writes it. Expected:
-0o400 file owned by the step uid, a directory others cannot enter, no link
-followed, nothing reused, and everything gone after `shred_token_dir`.
+Attacker: another step or local user who wants the token, or whoever would
+plant something where the engine writes it. Expected: the token goes into a
+fresh detached tmpfs no host path names (nothing to plant), as a 0o400 file
+owned by the step uid in a root-owned 0o550 directory of the step's group;
+the step reads it, every other uid is refused; nothing is reused.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from haios.errors import InternalError, SandboxSetupError
-from haios.secrets import TOKEN_FILE_NAME, IssuedToken, shred_token_dir, write_token_file
+from haios.sandbox.stepfs import StepFs, StepMounts
+from haios.secrets import TOKEN_FILE_NAME, IssuedToken, write_token_into
 
 TOKEN = "s.Zk3JvQq0pH1xW8nYtB7cLmRa"
-IS_ROOT = os.geteuid() == 0
-# As root the file goes to an unprivileged uid, as the engine does; otherwise
-# to our own ids (a rootless engine can only give files to itself).
-STEP_UID, STEP_GID = (65534, 65534) if IS_ROOT else (os.getuid(), os.getgid())
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root to act as another uid")
+STEP_UID = STEP_GID = 190_555
 
 
 @pytest.fixture
-def secret_dir(tmp_path: Path) -> Path:
-    return tmp_path / "secret"
-
-
-@pytest.fixture
-def traversable_secret_dir() -> Iterator[Path]:
-    """A secret dir whose parents other uids may traverse (pytest's are 0o700).
-
-    The engine's real parent is private; the step reaches the file through
-    its view. Here other uids must get as far as the directory itself, so
-    that the directory's and the file's own modes are what is tested.
-    """
-    parent = Path(tempfile.mkdtemp(prefix="haios-tokenfile-"))
-    parent.chmod(0o711)
-    yield parent / "secret"
-    shutil.rmtree(parent)
+def secret() -> Iterator[StepFs]:
+    mounts = StepMounts.create(STEP_UID, STEP_GID, workspace_bytes=1 << 20,
+                               workspace_inodes=64, with_secret=True)
+    assert mounts.secret is not None
+    yield mounts.secret
+    mounts.close()
 
 
 def _issued() -> IssuedToken:
     return IssuedToken("acc-1", TOKEN, 60)
 
 
-def test_token_file_holds_the_token_alone_readable_only_by_the_step(secret_dir: Path) -> None:
-    write_token_file(secret_dir, _issued(), STEP_UID, STEP_GID)
+def _view(fs: StepFs) -> Path:
+    return Path(f"/proc/self/fd/{fs.dir.fd}")
 
-    token_file = secret_dir / TOKEN_FILE_NAME
+
+def test_token_file_holds_the_token_alone_readable_only_by_the_step(secret: StepFs) -> None:
+    write_token_into(secret.dir.fd, _issued(), STEP_UID, STEP_GID)
+
+    token_file = _view(secret) / TOKEN_FILE_NAME
     file_info = token_file.lstat()
-    dir_info = secret_dir.lstat()
+    dir_info = os.fstat(secret.dir.fd)
     assert stat.S_ISREG(file_info.st_mode)
     assert stat.S_IMODE(file_info.st_mode) == 0o400
     assert (file_info.st_uid, file_info.st_gid) == (STEP_UID, STEP_GID)
     assert stat.S_IMODE(dir_info.st_mode) == 0o550
-    assert (dir_info.st_uid, dir_info.st_gid) == (os.geteuid(), STEP_GID)
-    assert os.listdir(secret_dir) == [TOKEN_FILE_NAME]
+    assert (dir_info.st_uid, dir_info.st_gid) == (0, STEP_GID)
+    assert os.listdir(secret.dir.fd) == [TOKEN_FILE_NAME]
     assert token_file.read_bytes() == TOKEN.encode()
 
 
-@needs_root
-def test_step_uid_reads_the_token_and_another_uid_cannot(traversable_secret_dir: Path) -> None:
-    write_token_file(traversable_secret_dir, _issued(), STEP_UID, STEP_GID)
-    read = ["/bin/cat", str(traversable_secret_dir / TOKEN_FILE_NAME)]
+def _read_as(fs: StepFs, uid: int, gid: int) -> subprocess.CompletedProcess[bytes]:
+    """`cat` the token through the inherited descriptor, as uid:gid."""
+    fd = fs.dir.fd
+    return subprocess.run(["/bin/cat", f"/proc/self/fd/{fd}/{TOKEN_FILE_NAME}"], user=uid,
+                          group=gid, extra_groups=[], cwd="/", pass_fds=[fd],
+                          capture_output=True, check=False)
 
-    own = _run_as(read, STEP_UID, STEP_GID)
-    other_uid_same_group = _run_as(read, 65533, STEP_GID)
-    other = _run_as(read, 65533, 65533)
 
-    assert own.returncode == 0
+def test_step_uid_reads_the_token_and_another_uid_cannot(secret: StepFs) -> None:
+    write_token_into(secret.dir.fd, _issued(), STEP_UID, STEP_GID)
+
+    own = _read_as(secret, STEP_UID, STEP_GID)
+    other_uid_same_group = _read_as(secret, 65533, STEP_GID)
+    other = _read_as(secret, 65533, 65533)
+
+    assert own.returncode == 0, own.stderr
     assert own.stdout == TOKEN.encode()
     for denied in (other_uid_same_group, other):
         assert denied.returncode != 0
@@ -85,78 +81,50 @@ def test_step_uid_reads_the_token_and_another_uid_cannot(traversable_secret_dir:
         assert TOKEN.encode() not in denied.stdout + denied.stderr
 
 
-def _run_as(argv: list[str], uid: int, gid: int) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        argv, user=uid, group=gid, extra_groups=[], cwd="/", capture_output=True, check=False
-    )
+def test_a_used_filesystem_is_refused_not_reused(secret: StepFs) -> None:
+    write_token_into(secret.dir.fd, _issued(), STEP_UID, STEP_GID)
+    with pytest.raises(SandboxSetupError, match="not fresh"):
+        write_token_into(secret.dir.fd, IssuedToken("acc-2", "s.other", 60), STEP_UID, STEP_GID)
+    assert (_view(secret) / TOKEN_FILE_NAME).read_text() == TOKEN
 
 
-def test_existing_directory_is_refused_not_reused(secret_dir: Path) -> None:
-    secret_dir.mkdir()
-    (secret_dir / "token").write_text("old")
-
-    with pytest.raises(SandboxSetupError, match="already exists"):
-        write_token_file(secret_dir, _issued(), STEP_UID, STEP_GID)
-    assert (secret_dir / "token").read_text() == "old"
-
-
-def test_planted_symlink_is_not_followed(secret_dir: Path, tmp_path: Path) -> None:
-    target = tmp_path / "attacker"
-    target.mkdir()
-    secret_dir.symlink_to(target)
-
-    with pytest.raises(SandboxSetupError):
-        write_token_file(secret_dir, _issued(), STEP_UID, STEP_GID)
-    assert list(target.iterdir()) == []
+def test_a_directory_open_to_others_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    fd = os.open(shared, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(SandboxSetupError, match="not fresh and private") as caught:
+            write_token_into(fd, _issued(), STEP_UID, STEP_GID)
+        assert TOKEN not in str(caught.value)
+        assert os.listdir(shared) == []
+    finally:
+        os.close(fd)
 
 
-def test_missing_parent_fails_cleanly_without_the_token_in_the_message(tmp_path: Path) -> None:
-    with pytest.raises(SandboxSetupError) as caught:
-        write_token_file(tmp_path / "absent" / "secret", _issued(), STEP_UID, STEP_GID)
-    assert TOKEN not in str(caught.value)
+def test_a_directory_of_another_owner_is_refused(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o750)
+    os.chown(theirs, 4242, STEP_GID)
+    fd = os.open(theirs, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(SandboxSetupError):
+            write_token_into(fd, _issued(), STEP_UID, STEP_GID)
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize(("uid", "gid"), [(0, 1000), (1000, 0), (-1, 1000)])
-def test_token_file_is_never_given_to_root(secret_dir: Path, uid: int, gid: int) -> None:
+def test_token_file_is_never_given_to_root(secret: StepFs, uid: int, gid: int) -> None:
     with pytest.raises(InternalError):
-        write_token_file(secret_dir, _issued(), uid, gid)
-    assert not secret_dir.exists()
+        write_token_into(secret.dir.fd, _issued(), uid, gid)
+    assert os.listdir(secret.dir.fd) == []
 
 
-def test_shred_removes_the_directory_and_is_idempotent(secret_dir: Path) -> None:
-    write_token_file(secret_dir, _issued(), STEP_UID, STEP_GID)
-
-    shred_token_dir(secret_dir)
-    assert not secret_dir.exists()
-    shred_token_dir(secret_dir)  # a second call (resume after a crash) is fine
-
-
-def test_shred_removes_unexpected_entries_without_following_links(
-    secret_dir: Path, tmp_path: Path
-) -> None:
-    write_token_file(secret_dir, _issued(), STEP_UID, STEP_GID)
-    outside = tmp_path / "keep"
-    outside.mkdir()
-    (outside / "file").write_text("keep")
-    secret_dir.chmod(0o700)
-    (secret_dir / "link").symlink_to(outside)
-    (secret_dir / "sub").mkdir()
-    (secret_dir / "sub" / "x").write_text("x")
-
-    shred_token_dir(secret_dir)
-
-    assert not secret_dir.exists()
-    assert (outside / "file").read_text() == "keep"
-
-
-def test_shred_refuses_a_symlink_in_place_of_the_directory(
-    secret_dir: Path, tmp_path: Path
-) -> None:
-    target = tmp_path / "victim"
-    target.mkdir()
-    (target / "token").write_text("victim")
-    secret_dir.symlink_to(target)
-
-    with pytest.raises(SandboxSetupError):
-        shred_token_dir(secret_dir)
-    assert (target / "token").read_text() == "victim"
+def test_the_token_is_gone_with_the_filesystem() -> None:
+    mounts = StepMounts.create(STEP_UID, STEP_GID, workspace_bytes=1 << 20,
+                               workspace_inodes=64, with_secret=True)
+    assert mounts.secret is not None
+    write_token_into(mounts.secret.dir.fd, _issued(), STEP_UID, STEP_GID)
+    mounts.close()
+    # Nothing of it was ever under a host path; its mount table entry never existed.
+    assert " haios " not in Path("/proc/self/mountinfo").read_text()
