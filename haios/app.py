@@ -99,6 +99,7 @@ def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, st
         HaiosError: a refusal (its exit code is the process's).
     """
     from haios.metrics import MetricsRecorder, is_loopback_host
+    from haios.progress import open_progress
 
     policy = load_policy(resolve_policy_dir(str(policy_option) if policy_option else None,
                                             environ))
@@ -106,6 +107,9 @@ def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, st
     recorder = MetricsRecorder()
     chosen = services or default_services()
     chosen.subscribers.append(recorder.on_event)  # after the audit log (engine subscribes)
+    progress = open_progress(sys.stderr, environ=environ,
+                             state_dir=policy.file.engine.state_dir)
+    chosen.subscribers.append(progress.on_event)  # last: it only shows what was recorded
     if metrics_addr and not is_loopback_host(metrics_addr[0]):
         # Metrics carry no secrets, but they describe the run; say so when exposed.
         sys.stderr.write(f"haios: warning: serving metrics on non-loopback address "
@@ -118,6 +122,7 @@ def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, st
         outcome = run_plan(os_root, policy, jobs=jobs, services=chosen, bus=bus)
         return outcome.exit_code, outcome.state, outcome.message
     finally:
+        progress.close()  # before the CLI prints: the terminal is restored first
         if server is not None:
             server.close()
 

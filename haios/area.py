@@ -11,6 +11,8 @@ uid leases) lives there (threat T-MT01). It lives here:
         roots/<dev>-<ino>/      one area per os_root, locked while a run holds it
             store/              verified copies of inputs and products
             watchdog.jsonl      kills the watchdog did while the engine was dead
+            audit.unsigned      the engine made os_root's audit.jsonl; no state yet
+            audit.set-aside.jsonl  such a log left by a crash, kept for operators
 
 An area is named by the device and inode of the os_root directory the
 engine holds open, so no other os_root can name or collide with it, and a
@@ -42,6 +44,11 @@ from haios.errors import BusyError, EnvironmentUnavailableError
 ROOTS_DIR: Final = "roots"
 UIDS_DIR: Final = "uids"
 STORE_DIR: Final = "store"
+#: present while os_root's audit.jsonl was created by the engine and no
+#: signed state covers it yet (a crash then leaves an unsignable log)
+UNSIGNED_AUDIT: Final = "audit.unsigned"
+#: where such a leftover log is kept once set aside
+SET_ASIDE_AUDIT: Final = "audit.set-aside.jsonl"
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -135,6 +142,24 @@ class RunArea:
         """Remove `store/` (it holds only flat files the engine copied)."""
         if self.dir.lstat(STORE_DIR) is not None:
             shutil.rmtree(STORE_DIR, dir_fd=self.dir.fd)
+
+    def mark_unsigned_audit(self) -> None:
+        """Durably note, before the engine creates audit.jsonl, that it is ours."""
+        self.dir.write_atomic(UNSIGNED_AUDIT, b"", mode=0o600)
+
+    def has_unsigned_audit(self) -> bool:
+        """True when the engine created os_root's audit.jsonl and signed no state yet."""
+        return self.dir.lstat(UNSIGNED_AUDIT) is not None
+
+    def clear_unsigned_audit(self) -> None:
+        """A signed state now covers the log: a missing state is tampering again."""
+        if self.has_unsigned_audit():
+            self.dir.unlink(UNSIGNED_AUDIT)
+            os.fsync(self.dir.fd)
+
+    def set_aside(self, data: bytes) -> None:
+        """Keep an unsignable leftover audit log for operators (root-only)."""
+        self.dir.write_atomic(SET_ASIDE_AUDIT, data, mode=0o600)
 
     def uid_dir(self) -> SafeDir:
         """The host-wide uid lease directory (shared by every engine)."""

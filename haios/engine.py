@@ -125,7 +125,8 @@ class StateKeeper:
 
     def __init__(self, osr: OsRoot, signer: EngineSigner, plan: ExecPlan, plan_sha256: str,
                  prior: RunState | None, bus: ev.EventBus,
-                 audit_head: Callable[[], dict[str, Any] | None]) -> None:
+                 audit_head: Callable[[], dict[str, Any] | None],
+                 written: Callable[[], None]) -> None:
         self.osr, self.signer, self.bus = osr, signer, bus
         self.plan_id, self.plan_sha256 = plan.plan_id, plan_sha256
         self.seq = prior.seq if prior else 0
@@ -140,6 +141,8 @@ class StateKeeper:
                                        else {"cpu_seconds": 0.0, "wall_seconds": 0.0,
                                              "usd": 0.0, "tokens": 0})
         self._audit_head = audit_head
+        self._written = written
+        self._first = True
         self.lock = threading.RLock()
         self.sessions: list[str] = list(prior.vault_sessions) if prior else []
 
@@ -156,8 +159,12 @@ class StateKeeper:
         """Publish the state atomically with a fresh engine signature; return it."""
         with self.lock:
             self.seq += 1
-            return write_signed(self.osr.root, STATE_FILE, self.document(wall_clock()),
-                                self.signer)
+            document = write_signed(self.osr.root, STATE_FILE, self.document(wall_clock()),
+                                    self.signer)
+            if self._first:  # the audit log is now covered by a signed state
+                self._written()
+                self._first = False
+            return document
 
     def record_session(self, accessor: str, live: bool) -> None:
         """Durably note (or forget, once revoked) a run session's Vault accessor."""
@@ -203,7 +210,7 @@ def _locked_run(osr: OsRoot, area: RunArea, policy: Policy, jobs: int, services:
 
     osr.sweep_temp_files()  # leftovers of a crash mid-write; never trusted, never kept
     # The audit log subscribes first: a decision is durable before anything else sees it.
-    history = History.open(osr, policy, bus)
+    history = History.open(osr, area, policy, bus)
     for subscriber in services.subscribers:
         bus.subscribe(subscriber)
     ingest_watchdog_journal(area, bus)  # kills done while a previous engine was dead
@@ -266,9 +273,12 @@ def _execute(osr: OsRoot, area: RunArea, policy: Policy, plan: ExecPlan, plan_sh
              known: dict[str, StoredArtefact], jobs: int, services: Services,
              bus: ev.EventBus, history: History) -> RunOutcome:
     order = topological_order({s.id: tuple(s.needs) for s in plan.steps})
-    keeper = StateKeeper(osr, signer, plan, plan_sha256, prior, bus, history.head)
+    keeper = StateKeeper(osr, signer, plan, plan_sha256, prior, bus, history.head,
+                         history.state_written)
     ledger = BudgetLedger(plan.budget, prior.cost.totals if prior else CostTotals())
-    bus.publish(ev.RUN_STARTED, plan_id=plan.plan_id, plan_sha256=plan_sha256, jobs=jobs)
+    bus.publish(ev.RUN_STARTED, plan_id=plan.plan_id, plan_sha256=plan_sha256, jobs=jobs,
+                steps=len(plan.steps),
+                steps_done=sum(1 for e in keeper.steps.values() if e["status"] == "succeeded"))
     for entry in keeper.steps.values():
         if entry["status"] != "succeeded":
             entry.update(status="pending", started=None, finished=None, exit_code=None,

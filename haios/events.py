@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 # Event kinds and the fields each carries.
-RUN_STARTED: Final = "run.started"  # plan_id, plan_sha256, jobs
+# plan_id, plan_sha256, jobs, steps (in the plan), steps_done (succeeded before this run)
+RUN_STARTED: Final = "run.started"
 VERIFICATION: Final = "verification"  # kind (plan|artefact|link|digest), result (ok|fail), subject
 REJECTION: Final = "rejection"  # reason (short label), message
 STEP_STARTED: Final = "step.started"  # step_id, profile, attempt
@@ -33,6 +34,9 @@ VAULT_TOKEN_REVOKED: Final = "vault.token_revoked"  # step_id, accessor
 VAULT_REVOKE_FAILED: Final = "vault.revoke_failed"  # step_id, accessor, message
 PRODUCT_RECORDED: Final = "product.recorded"  # step_id, name, sha256, size
 RUN_FINISHED: Final = "run.finished"  # status, reason
+# records, sha256: an engine-created audit log left by a crash before the first
+# signed state, unsignable and so set aside (kept in the run area)
+AUDIT_LEFTOVER: Final = "audit.leftover_set_aside"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 from haios import events as ev
 from haios._util.clock import wall_clock
@@ -40,26 +41,43 @@ from haios.state.verify import verify_cost_record
 from haios.verify.dsse import verify_detached
 from haios.verify.links import verify_link
 
+if TYPE_CHECKING:
+    from haios.area import RunArea
+
 
 class History:
     """The prior state of one os_root and its audit log."""
 
-    def __init__(self, osr: OsRoot, policy: Policy, bus: ev.EventBus, prior: RunState | None,
-                 error: HaiosError | None, audit: Any) -> None:
-        self.osr, self.policy, self.bus = osr, policy, bus
+    def __init__(self, osr: OsRoot, area: RunArea, policy: Policy, bus: ev.EventBus,
+                 prior: RunState | None, error: HaiosError | None, audit: Any) -> None:
+        self.osr, self.area, self.policy, self.bus = osr, area, policy, bus
         self.state, self.error, self.audit = prior, error, audit
 
     @classmethod
-    def open(cls, osr: OsRoot, policy: Policy, bus: ev.EventBus) -> History:
-        """Read state.json and open the audit log; errors surface in `prior_for`."""
+    def open(cls, osr: OsRoot, area: RunArea, policy: Policy, bus: ev.EventBus) -> History:
+        """Read state.json and open the audit log; errors surface in `prior_for`.
+
+        An audit log without a signed state is tampering (exit 3), unless the
+        run area records that the engine itself created it and crashed before
+        its first state: then the log, which nothing signed, is set aside into
+        the run area and a new chain starts with a record saying so.
+        """
         from haios.audit import AuditHead, AuditLog
 
         prior: RunState | None = None
         error: HaiosError | None = None
         audit = None
+        leftover: tuple[int, str] | None = None
         preexisting = osr.root.lstat(AUDIT_FILE)
         try:
             prior = read_signed(osr.root, STATE_FILE, RunState, policy.engine_key)
+            if prior is not None:
+                area.clear_unsigned_audit()
+            elif preexisting is not None and area.has_unsigned_audit():
+                leftover = _set_aside(osr, area)
+                preexisting = None
+            if prior is None and preexisting is None:
+                area.mark_unsigned_audit()  # before the log exists: a crash leaves it ours
             signed = None if prior is None or prior.audit is None else AuditHead(
                 prior.audit.sha256, prior.audit.records)
             audit = AuditLog.open(osr.root.fd, AUDIT_FILE, signed_head=signed)
@@ -69,7 +87,13 @@ class History:
             error = PathError(f"{AUDIT_FILE} exists on an os_root without state")
         if audit is not None:
             bus.subscribe(audit.subscriber)
-        return cls(osr, policy, bus, prior, error, audit)
+            if leftover is not None:
+                bus.publish(ev.AUDIT_LEFTOVER, records=leftover[0], sha256=leftover[1])
+        return cls(osr, area, policy, bus, prior, error, audit)
+
+    def state_written(self) -> None:
+        """A signed state now pins the audit head: the log is no longer a leftover."""
+        self.area.clear_unsigned_audit()
 
     def head(self) -> dict[str, Any] | None:
         """The audit chain head to pin inside the next signed state."""
@@ -127,6 +151,31 @@ class History:
         })
         with contextlib.suppress(HaiosError, OSError):
             write_signed(self.osr.root, STATE_FILE, state, signer)
+            self.state_written()
+
+
+#: an engine-created log before its first state holds only verification records
+LEFTOVER_MAX_BYTES = 16 << 20
+
+
+def _set_aside(osr: OsRoot, area: RunArea) -> tuple[int, str]:
+    """Move the engine's own unsignable leftover log into the run area.
+
+    Returns:
+        (records, sha256) of what was set aside, for the new chain's first record.
+
+    Raises:
+        TamperedError: the leftover is larger than any engine-made log could be.
+    """
+    try:
+        data = osr.root.read_bytes(AUDIT_FILE, max_bytes=LEFTOVER_MAX_BYTES)
+    except HaiosError as exc:
+        raise TamperedError(f"{AUDIT_FILE} left without state cannot be set aside: "
+                            f"{exc}") from exc
+    area.set_aside(data)
+    osr.root.unlink(AUDIT_FILE)
+    os.fsync(osr.root.fd)
+    return data.count(b"\n"), hashlib.sha256(data).hexdigest()
 
 
 def _plan_outline(raw: bytes | None) -> tuple[str, list[str]]:

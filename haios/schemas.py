@@ -18,6 +18,7 @@ from haios.models.envelope import DsseEnvelope, Statement
 from haios.models.plan import ExecPlan
 from haios.models.policy import PolicyFile
 from haios.models.state import RegistryMap, RunState
+from haios.report.model import Report
 
 MODELS: dict[str, type[BaseModel]] = {
     "exec_plan": ExecPlan,
@@ -28,6 +29,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "policy": PolicyFile,
     "dsse_envelope": DsseEnvelope,
     "signature_statement": Statement,
+    "report": Report,
 }
 
 

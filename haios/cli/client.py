@@ -188,6 +188,94 @@ def example(directory: Path, profiles: Path, vault_scope: str | None) -> None:
     click.echo(f"haios run {directory / 'os_root'} --policy {directory / 'policy'}")
 
 
+REPORT_EXIT_HELP = """\b
+Exit codes:
+  0  every check verified (the plan itself may have failed, been killed or
+     halted: the report shows its status)
+  2  usage error (bad arguments, or -o FILE cannot be written)
+  3  at least one check failed verification; the report says which
+  6  the policy folder is unusable; nothing was verified
+  70 internal error
+"""
+
+
+def write_report_file(path: Path, text: str) -> None:
+    """Publish `text` as `path` atomically (temp file, fsync, rename); mode 0644.
+
+    Raises:
+        OSError: the directory is missing or not writable.
+
+    Side Effects:
+        Creates a temp file beside `path` and renames it over `path`.
+    """
+    directory = path.parent
+    temp = directory / f".{path.name}.{os.urandom(6).hex()}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o644)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+@cli.command(epilog=REPORT_EXIT_HELP)
+@click.argument("os_root", type=click.Path(path_type=Path, file_okay=False, exists=True))
+@click.option("--policy", "policy_dir", required=True,
+              type=click.Path(path_type=Path, file_okay=False),
+              help="The operator's policy folder: the only source of trust.")
+@click.option("-o", "--output", type=click.Path(path_type=Path, dir_okay=False),
+              help="Write a self-contained HTML report to this file.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the findings as one JSON object (schemas/report.schema.json).")
+def report(os_root: Path, policy_dir: Path, output: Path | None, as_json: bool) -> None:
+    """Re-verify OS_ROOT offline against the policy and report what the run did.
+
+    Checks the plan, inputs, products, cost records, engine links (in-toto
+    layout verification), state.json, registry_map.json and the audit hash
+    chain with stock libraries, never writing to OS_ROOT. Prints a summary
+    (or --json), and with -o writes the HTML report whatever the verdict.
+    """
+    import datetime as dt
+    import sys
+
+    from rich.console import Console
+
+    from haios._util.strict_json import printable
+    from haios.errors import EXIT_INTERNAL, HaiosError
+    from haios.report import build_report, load_trust, render_html, render_json, summary_table
+
+    try:
+        trust = load_trust(policy_dir)
+        findings = build_report(os_root, trust, now=dt.datetime.now(dt.UTC))
+        page = render_html(findings) if output is not None else None
+    except HaiosError as exc:
+        click.echo(f"haios-client: {type(exc).__name__}: {printable(str(exc))}", err=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # the command's one broad catch: a bug is exit 70, one line
+        click.echo(f"haios-client: internal error: {type(exc).__name__}", err=True)
+        sys.exit(EXIT_INTERNAL)
+    if output is not None and page is not None:
+        try:
+            write_report_file(output, page)
+        except OSError as exc:
+            raise click.BadParameter(f"cannot write {output}: {exc.strerror}",
+                                     param_hint="-o") from exc
+    if as_json:
+        click.echo(render_json(findings))
+    else:
+        console = Console(markup=False, highlight=False, emoji=False)
+        for renderable in summary_table(findings):
+            console.print(renderable)
+    if output is not None:
+        click.echo(f"report written to {output}", err=True)
+    sys.exit(3 if findings.verdict == "failed" else 0)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="haios-client")

@@ -72,7 +72,11 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the final state as one JSON object.")
 def run(os_root: Path, policy_dir: Path | None, jobs: int,
         metrics_addr: tuple[str, int] | None, as_json: bool) -> None:
-    """Verify OS_ROOT against the policy and run its plan."""
+    """Verify OS_ROOT against the policy and run its plan.
+
+    Progress goes to stderr: a live display on a terminal, one timestamped
+    line per event otherwise. stdout carries only the result.
+    """
     try:
         from haios.app import run_command
 

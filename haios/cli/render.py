@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from haios.progress import format_cost
+
 
 def render_json(document: dict[str, Any]) -> str:
     """Exactly one JSON object, one line."""
@@ -25,5 +27,6 @@ def render_human(document: dict[str, Any]) -> str:
                      f"exit={'-' if code is None else code}  attempts={step.get('attempts')}")
     totals = (document.get("cost") or {}).get("totals") or {}
     if totals:
-        lines.append("  cost: " + ", ".join(f"{k}={v}" for k, v in sorted(totals.items())))
+        # For people: seconds to a sensible precision, money as its exact decimal.
+        lines.append(f"  cost: {format_cost(totals)}")
     return "\n".join(lines)
