@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -116,7 +117,10 @@ def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, st
                          f"{metrics_addr[0]}\n")
     # metrics.prom goes through the os_root descriptor the run holds, under
     # its lock, never through the path again (a busy refusal writes nothing).
-    chosen.finish = functools.partial(_write_metrics, recorder)
+    exporter = _exporter(policy, recorder, os_root)
+    chosen.finish = functools.partial(_write_metrics, recorder, exporter)
+    if exporter is not None:
+        chosen.subscribers.append(exporter.on_event)  # progress pushes from run.started on
     server = recorder.serve(*metrics_addr) if metrics_addr else None
     try:
         outcome = run_plan(os_root, policy, jobs=jobs, services=chosen, bus=bus)
@@ -125,12 +129,31 @@ def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, st
         progress.close()  # before the CLI prints: the terminal is restored first
         if server is not None:
             server.close()
+        if exporter is not None:
+            exporter.close()
 
 
-def _write_metrics(recorder: Any, root: SafeDir) -> None:
-    """Write metrics.prom at the end of the run (best effort after a refusal)."""
+def _exporter(policy: Policy, recorder: Any, os_root: Path) -> Any:
+    """The Pushgateway/textfile exporter the policy's `[metrics]` asks for, or None."""
+    settings = policy.file.metrics
+    if settings.pushgateway_url is None and settings.textfile_dir is None:
+        return None
+    from haios.metrics_export import MetricsExporter
+
+    try:
+        root_stat = os.stat(os_root, follow_symlinks=False)
+    except OSError:
+        return None  # the run refuses this os_root itself, before the lock
+    return MetricsExporter(settings, recorder.registry, root_stat)
+
+
+def _write_metrics(recorder: Any, exporter: Any, root: SafeDir) -> None:
+    """Write metrics.prom at the end of the run (best effort after a refusal), then export."""
     with contextlib.suppress(HaiosError, OSError):
         recorder.write_textfile(root.fd, METRICS_FILE)
+    if exporter is not None:
+        # Under the os_root lock: a busy refusal never overwrites the holder's group.
+        exporter.finish(os.fstat(root.fd))
 
 
 def state_command(os_root: Path, policy_option: Path | None, environ: dict[str, str]

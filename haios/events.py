@@ -33,6 +33,17 @@ VAULT_TOKEN_ISSUED: Final = "vault.token_issued"  # step_id, accessor, ttl_secon
 VAULT_TOKEN_REVOKED: Final = "vault.token_revoked"  # step_id, accessor
 VAULT_REVOKE_FAILED: Final = "vault.revoke_failed"  # step_id, accessor, message
 PRODUCT_RECORDED: Final = "product.recorded"  # step_id, name, sha256, size
+# Egress (docs/adr/0004-egress.md). Endpoints are the profile's entries
+# ("vault", "pypi.org:443"); addresses are what the engine resolved.
+EGRESS_RESOLVED: Final = "egress.resolved"  # profile, endpoint, port, addresses (run start)
+# step_id, mode (egress|host), endpoints [{endpoint, dial, port, destinations}], limits
+EGRESS_OPENED: Final = "egress.opened"
+# step_id, endpoint, destination ("ip:port" or None), outcome, bytes_out, bytes_in,
+# duration_seconds; one per connection the step made to an allowed endpoint
+EGRESS_CONNECTION: Final = "egress.connection"
+# step_id (None at run start), endpoint (or None), reason, message
+EGRESS_REFUSED: Final = "egress.refused"
+EGRESS_CLOSED: Final = "egress.closed"  # step_id, connections, bytes_out, bytes_in, refusals
 RUN_FINISHED: Final = "run.finished"  # status, reason
 # records, sha256: an engine-created audit log left by a crash before the first
 # signed state, unsignable and so set aside (kept in the run area)

@@ -12,8 +12,12 @@ Order for one step (each line says why it comes where it does):
    from the engine's store (never from client-writable paths).
 4. Issue the scoped Vault token, if any, into the secret filesystem
    (while nothing of the step runs yet).
-5. Run the step confined, wait until its whole tree is gone; every process
-   of the tree that died of SIGSYS is a violation (sandbox/treewatch.py).
+5. Start the step's egress forwarder when its profile names endpoints
+   (egress/forward.py: it serves only the listeners the sandbox creates in
+   the step's own network namespace), run the step confined, wait until its
+   whole tree is gone (every process of the tree that died of SIGSYS is a
+   violation, sandbox/treewatch.py), then stop the forwarder, whose
+   connection records are durable before the step is judged.
 6. Revoke the token whatever happened.
 7. Collect products from the dead workspace (regular files only, capped),
    hash the copy in the store, then publish artefacts, signatures, cost
@@ -39,7 +43,16 @@ from haios import events as ev
 from haios._util.safedir import SafeDir
 from haios._util.strict_json import dump_json
 from haios.cost import Reservation
-from haios.errors import CopyError, HaiosError, InputError, PathError, StepFailedError
+from haios.egress.forward import Forwarder
+from haios.egress.limits import ForwardLimits
+from haios.errors import (
+    CopyError,
+    HaiosError,
+    InputError,
+    PathError,
+    SandboxSetupError,
+    StepFailedError,
+)
 from haios.intake import copy_into
 from haios.load.parse import parse_model
 from haios.load.policy import Policy
@@ -49,9 +62,11 @@ from haios.models.plan import ExecPlan, PlanStep
 from haios.models.state import StepStatus
 from haios.osroot import OsRoot
 from haios.sandbox.evidence import confinement_record
+from haios.sandbox.profile import Profile
 from haios.sandbox.spec import (
     VIEW_COST_REPORT,
     VIEW_WORKSPACE,
+    EgressRoute,
     StepOutcome,
     StepRunner,
     StepSpec,
@@ -92,11 +107,17 @@ class StepGuard(Protocol):
 
 @dataclasses.dataclass(frozen=True)
 class StepGrant:
-    """What `StepGuard.before` set up for one step."""
+    """What `StepGuard.before` set up for one step.
+
+    `egress` holds the routes of the step's profile as resolved at run start
+    (haios/egress/resolve.py), or None when the guard resolved none; a
+    profile that names endpoints needs them.
+    """
 
     cgroup: str | None = None
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     accessor: str | None = None
+    egress: tuple[EgressRoute, ...] | None = None
 
 
 class NoGuard:
@@ -321,6 +342,45 @@ class StepExecutor:
              ) -> tuple[StepOutcome, str, str, dict[str, Any]]:
         ctx = self.ctx
         profile = ctx.policy.profiles[step.profile]
+        with contextlib.ExitStack() as network:
+            forwarder = self._open_egress(step, profile, grant)
+            if forwarder is not None:
+                network.enter_context(forwarder)
+            return self._run_confined(step, reservation, grant, uid, step_fs, captures, bounds,
+                                      forwarder)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _open_egress(self, step: PlanStep, profile: Profile,
+                     grant: StepGrant) -> Forwarder | None:
+        """The step's forwarder (not started), or None without endpoints.
+
+        Raises:
+            SandboxSetupError: the profile names endpoints the guard did not
+                resolve (never run a step without the reach it was given).
+        """
+        if profile.unsafe_host_network:
+            self.ctx.bus.publish(ev.EGRESS_OPENED, step_id=step.id, mode="host", endpoints=[],
+                                 limits=None)
+            return None
+        if not profile.egress:
+            return None
+        if not grant.egress:
+            raise SandboxSetupError(f"step {step.id}: profile {profile.name} names egress "
+                                    "endpoints that were not resolved for this run")
+        limits = profile.egress_limits
+        return Forwarder.open(step.id, grant.egress, ForwardLimits(
+            connections_max=limits.connections_max,
+            connections_total_max=limits.connections_total_max,
+            bytes_max=limits.bytes_max,
+            connect_timeout_seconds=limits.connect_timeout_seconds,
+        ), self.ctx.bus.publish)
+
+    def _run_confined(self, step: PlanStep, reservation: Reservation, grant: StepGrant,
+                      uid: int, step_fs: StepMounts, captures: tuple[int, int],
+                      bounds: StepBounds | None, forwarder: Forwarder | None,
+                      ) -> tuple[StepOutcome, str, str, dict[str, Any]]:
+        ctx = self.ctx
+        profile = ctx.policy.profiles[step.profile]
         spec = StepSpec(
             plan_id=ctx.plan.plan_id,
             step_id=step.id,
@@ -337,7 +397,15 @@ class StepExecutor:
             output_limit_bytes=self._log_max,
             cgroup=None if grant.cgroup is None else Path(grant.cgroup),
             limit_cgroups=() if bounds is None else bounds.directories,
+            egress=None if forwarder is None else forwarder.step_egress,
         )
+        evidence = self._evidence(spec)
+        if forwarder is not None:
+            # Durable before the step can connect: what it may reach.
+            ctx.bus.publish(ev.EGRESS_OPENED, step_id=step.id, mode="egress",
+                            endpoints=evidence["egress"]["endpoints"],
+                            limits=evidence["egress"]["limits"])
+            forwarder.start()
         started = format_rfc3339(ctx.now())
         trees: list[TrackedTree] = []
 
@@ -351,7 +419,10 @@ class StepExecutor:
         finally:
             for tree in trees:
                 tree.close()
-        return outcome, started, format_rfc3339(ctx.now()), self._evidence(spec)
+        if forwarder is not None:
+            # The tree is gone: cut what is left and record every connection.
+            forwarder.stop()
+        return outcome, started, format_rfc3339(ctx.now()), evidence
 
     def _evidence(self, spec: StepSpec) -> dict[str, Any]:
         """The confinement for the engine's link, with the identity as a lease.

@@ -4,18 +4,23 @@
 `RunGuard` is the production `StepGuard`: before a step it creates the
 step's cgroup and registers it with the watchdog, issues a token scoped to
 the step's Vault scope and writes it into the step's secret filesystem
-(a detached tmpfs no host path names), readable by the step's uid only;
-after the step it unregisters and revokes the token by accessor, whatever
-the outcome. `preflight` checks, before anything runs, that the
-sandbox and (when a step needs it) Vault are usable (exit 6). Does I/O.
+(a detached tmpfs no host path names), readable by the step's uid only,
+and hands over the egress routes of the step's profile; after the step it
+unregisters and revokes the token by accessor, whatever the outcome.
+`make_guard` resolves every egress endpoint of the plan's profiles once,
+at run start, from the host (haios/egress/resolve.py), audits the answers
+and pins them for the run. `preflight` checks, before anything runs, that
+the sandbox, (when a step needs it) Vault, and every egress endpoint are
+usable (exit 6). Does I/O.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from haios import events as ev
 from haios.engine import GuardRequest
@@ -23,7 +28,10 @@ from haios.errors import HaiosError, KilledError, VaultUnavailableError, Watchdo
 from haios.execute import StepGrant
 from haios.load.policy import Policy
 from haios.models.plan import ExecPlan, PlanStep
-from haios.sandbox.spec import VIEW_TOKEN_FILE
+from haios.sandbox.spec import VIEW_TOKEN_FILE, EgressRoute
+
+if TYPE_CHECKING:
+    from haios.egress.resolve import EgressResolution
 
 SESSION_MAX_SECONDS = 86_400
 SESSION_MARGIN_SECONDS = 300
@@ -61,6 +69,27 @@ def preflight(policy: Policy, plan: ExecPlan, environ: Mapping[str, str] | None 
 
         provider = provider_from_environment(environ if environ is not None else os.environ)
         provider.preflight([_grant(policy, scope) for scope in scopes])
+    # Every endpoint must resolve to an allowed destination before anything
+    # runs; make_guard resolves again and pins that answer for the run.
+    from haios.egress.resolve import raise_refusals
+
+    for resolution in _resolve_egress(policy, plan, environ if environ is not None
+                                      else os.environ):
+        raise_refusals(resolution)
+
+
+def _resolve_egress(policy: Policy, plan: ExecPlan,
+                    environ: Mapping[str, str]) -> list[EgressResolution]:
+    """Resolve the egress of every profile the plan uses (in name order).
+
+    Side Effects:
+        Queries the host's resolver for each name.
+    """
+    from haios.egress.resolve import resolve_egress_result
+
+    names = sorted({step.profile for step in plan.steps if policy.profiles[step.profile].egress})
+    return [resolve_egress_result(name, policy.profiles[name].egress,
+                                  vault_addr=environ.get("VAULT_ADDR")) for name in names]
 
 
 class RunGuard:
@@ -78,6 +107,32 @@ class RunGuard:
         self.lost: HaiosError | None = None
         self.session: Any = None
         self.session_provider: Any = None
+        #: profile name -> the routes resolved at run start
+        self.egress: dict[str, tuple[EgressRoute, ...]] = {}
+
+    def resolve_egress(self, environ: Mapping[str, str]) -> None:
+        """Resolve and pin every egress endpoint of the plan's profiles; audit it.
+
+        Raises:
+            SandboxSetupError: an endpoint is refused (exit 6; audited first).
+
+        Side Effects:
+            Queries the host's resolver; publishes egress.resolved and
+            egress.refused events.
+        """
+        from haios.egress.resolve import raise_refusals
+
+        for resolution in _resolve_egress(self.request.policy, self.request.plan, environ):
+            for route in resolution.routes:
+                self.request.bus.publish(ev.EGRESS_RESOLVED, profile=resolution.profile,
+                                         endpoint=route.endpoint, port=route.port,
+                                         addresses=list(route.destinations))
+            for refusal in resolution.refusals:
+                self.request.bus.publish(ev.EGRESS_REFUSED, step_id=None,
+                                         endpoint=refusal.endpoint, reason="resolution",
+                                         message=refusal.message)
+            raise_refusals(resolution)
+            self.egress[resolution.profile] = resolution.routes
 
     def note_kill(self, step_id: str | None, flag: str) -> None:
         """Remember which flag killed which step (None: every running step)."""
@@ -130,10 +185,12 @@ class RunGuard:
             if report is not None:
                 self.watchdog.remove_step_cgroup(path)
                 raise KilledError(f"kill switch {_flag_name(report.flag)} engaged")
+        egress = self.egress.get(step.profile)
         if step.vault_scope is None:
-            return StepGrant(cgroup=cgroup)
+            return StepGrant(cgroup=cgroup, egress=egress)
         try:
-            return self._issue(step, uid, gid, secret_fd, cgroup)
+            return dataclasses.replace(self._issue(step, uid, gid, secret_fd, cgroup),
+                                       egress=egress)
         except BaseException:
             if self.watchdog is not None and cgroup is not None:
                 self.watchdog.unregister(step.id)
@@ -281,6 +338,9 @@ def make_guard(request: GuardRequest) -> RunGuard:
         provider = provider_from_environment(os.environ)
         addr = os.environ.get("VAULT_ADDR")
     guard = RunGuard(request, None, provider, addr)
+    # Before the Vault session and the watchdog: a refused endpoint leaves
+    # nothing behind to clean up.
+    guard.resolve_egress(os.environ)
     if provider is not None:
         if request.leftover_accessors:
             guard.revoke_leftovers(request.leftover_accessors)

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Every Prometheus metric of contract section 10, defined in one place.
+"""Every Prometheus metric of contract section 10 (and ADR 0004), defined in one place.
 
 `MetricsRecorder` owns a private `CollectorRegistry` (never the global one,
 so runs and tests stay isolated), subscribes to the engine's events
@@ -8,9 +8,10 @@ over HTTP during a run (`serve`) and writes `metrics.prom` at its end
 (`write_textfile`). `parse_metrics_addr` validates `--metrics-addr`.
 
 Label values come only from fixed lists: the contract's enumerations, a
-fixed list of rejection reasons and sandbox violation kinds (anything else
-becomes `other`), and profile names that look like names (at most
-`PROFILE_LABELS_MAX` of them). A step id, path, plan id, accessor or message
+fixed list of rejection reasons, sandbox violation kinds and egress
+outcomes and refusal reasons (anything else becomes `other`), and profile
+names that look like names (at most `PROFILE_LABELS_MAX` of them). A step
+id, endpoint, address, path, plan id, accessor or message
 never becomes a label, so neither cardinality nor an attacker's string can
 reach the exposition.
 
@@ -118,6 +119,20 @@ SANDBOX_VIOLATION_KINDS: Final = (
     "processes",
     OTHER,
 )
+# Egress (docs/adr/0004-egress.md): how forwarded connections ended, why the
+# engine refused, and which way bytes went (haios.egress.forward keeps the
+# same lists; a test keeps them in step). Anything else is `other`.
+EGRESS_OUTCOMES: Final = (
+    "closed",
+    "reset",
+    "connect_failed",
+    "byte_limit",
+    "step_ended",
+    "error",
+    OTHER,
+)
+EGRESS_REFUSAL_REASONS: Final = ("total_limit", "byte_limit", "resolution", OTHER)
+EGRESS_DIRECTIONS: Final = ("out", "in")
 # Profiles are operator-named (policy/profiles/<name>.toml), so trusted but
 # open-ended: names must look like names, and only the first few get a series.
 SHIPPED_PROFILES: Final = ("default", "network")
@@ -146,7 +161,7 @@ _PORT_MAX: Final = 65535
 
 @dataclasses.dataclass(frozen=True)
 class _Families:
-    """The contract's metric families (section 10), one attribute each."""
+    """The contract's metric families (section 10, ADR 0004), one attribute each."""
 
     build_info: Gauge
     plan_runs: Counter
@@ -163,6 +178,9 @@ class _Families:
     cost: Counter
     budget_remaining: Gauge
     sandbox_violations: Counter
+    egress_connections: Counter
+    egress_refusals: Counter
+    egress_bytes: Counter
 
 
 def _define_families(registry: CollectorRegistry) -> _Families:
@@ -216,6 +234,24 @@ def _define_families(registry: CollectorRegistry) -> _Families:
         sandbox_violations=Counter(
             "haios_sandbox_violations_total", "Steps stopped by the sandbox", ["kind"], registry=r
         ),
+        egress_connections=Counter(
+            "haios_egress_connections_total",
+            "Connections steps made to allowed endpoints, by how they ended",
+            ["outcome"],
+            registry=r,
+        ),
+        egress_refusals=Counter(
+            "haios_egress_refusals_total",
+            "Egress refused by the engine (limits reached, endpoints not resolved)",
+            ["reason"],
+            registry=r,
+        ),
+        egress_bytes=Counter(
+            "haios_egress_bytes_total",
+            "Bytes forwarded for steps (out: to the endpoint, in: back)",
+            ["direction"],
+            registry=r,
+        ),
     )
 
 
@@ -245,6 +281,12 @@ def _preinitialise(families: _Families, version: str) -> None:
         families.budget_remaining.labels(unit=unit).set(math.inf)
     for kind in SANDBOX_VIOLATION_KINDS:
         families.sandbox_violations.labels(kind=kind)
+    for outcome in EGRESS_OUTCOMES:
+        families.egress_connections.labels(outcome=outcome)
+    for reason in EGRESS_REFUSAL_REASONS:
+        families.egress_refusals.labels(reason=reason)
+    for direction in EGRESS_DIRECTIONS:
+        families.egress_bytes.labels(direction=direction)
 
 
 class MetricsServer:
@@ -359,14 +401,17 @@ class MetricsRecorder:
             events.VAULT_TOKEN_ISSUED: self._on_vault_token_issued,
             events.VAULT_TOKEN_REVOKED: self._on_vault_token_revoked,
             events.RUN_FINISHED: self._on_run_finished,
+            events.EGRESS_CONNECTION: self._on_egress_connection,
+            events.EGRESS_REFUSED: self._on_egress_refused,
         }
 
     def on_event(self, event: Event) -> None:
         """Update the metrics for one event; pass this to `EventBus.subscribe`.
 
         Kinds without a metric (run.started, budget.halt, product.recorded,
-        vault.revoke_failed, which shows as issued minus revoked) and unknown
-        kinds are ignored.
+        vault.revoke_failed, which shows as issued minus revoked,
+        egress.resolved, egress.opened, egress.closed) and unknown kinds are
+        ignored.
 
         Args:
             event: an engine event.
@@ -523,6 +568,21 @@ class MetricsRecorder:
     def _on_vault_token_revoked(self, _fields: Mapping[str, Any]) -> None:
         """Count one revoked token."""
         self._families.vault_tokens_revoked.inc()
+
+    def _on_egress_connection(self, fields: Mapping[str, Any]) -> None:
+        """Count one forwarded connection by outcome and add its bytes."""
+        # Check both numbers before counting anything: a bad record changes nothing.
+        sent = _non_negative(fields, "bytes_out")
+        received = _non_negative(fields, "bytes_in")
+        outcome = _allowlisted(fields.get("outcome"), EGRESS_OUTCOMES)
+        self._families.egress_connections.labels(outcome=outcome).inc()
+        self._families.egress_bytes.labels(direction="out").inc(sent)
+        self._families.egress_bytes.labels(direction="in").inc(received)
+
+    def _on_egress_refused(self, fields: Mapping[str, Any]) -> None:
+        """Count one refusal; an unlisted reason counts as `other`."""
+        reason = _allowlisted(fields.get("reason"), EGRESS_REFUSAL_REASONS)
+        self._families.egress_refusals.labels(reason=reason).inc()
 
     def _on_run_finished(self, fields: Mapping[str, Any]) -> None:
         """Count one finished run by its plan status."""

@@ -17,6 +17,7 @@ from haios.models.cost import CostRecord, CostReport
 from haios.models.envelope import DsseEnvelope, Statement
 from haios.models.plan import ExecPlan
 from haios.models.policy import PolicyFile
+from haios.models.result import CommandResult
 from haios.models.state import RegistryMap, RunState
 from haios.report.model import Report
 
@@ -30,6 +31,7 @@ MODELS: dict[str, type[BaseModel]] = {
     "dsse_envelope": DsseEnvelope,
     "signature_statement": Statement,
     "report": Report,
+    "command_result": CommandResult,
 }
 
 

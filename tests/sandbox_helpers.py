@@ -56,7 +56,7 @@ def save():
 MINIMAL_PROFILE = """
 schema = "haios/profile/v1"
 description = "A minimal valid profile for tests."
-network = false
+egress = []
 
 [rlimits]
 cpu_seconds = 60

@@ -184,6 +184,9 @@ def example(directory: Path, profiles: Path, vault_scope: str | None) -> None:
     """Scaffold DIRECTORY with keys, a policy folder and a signed example os_root."""
     if directory.exists() and any(directory.iterdir()):
         raise click.UsageError(f"{directory} is not empty")
+    # policy.toml needs an absolute `file2:` key path (the engine refuses a
+    # relative one, exit 6), and the printed command must work from any cwd.
+    directory = Path(os.path.abspath(directory))
     write_example(directory, profiles, vault_scope=vault_scope)
     click.echo(f"haios run {directory / 'os_root'} --policy {directory / 'policy'}")
 

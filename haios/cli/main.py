@@ -18,7 +18,7 @@ import click
 
 from haios import __version__
 from haios._util.strict_json import printable
-from haios.errors import EXIT_INTERNAL, HaiosError
+from haios.errors import EXIT_INTERNAL, EXIT_USAGE, HaiosError
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -34,13 +34,52 @@ Exit codes:
 """
 
 
-def _fail(exc: BaseException) -> NoReturn:
+def _fail(exc: BaseException, *, command: str, as_json: bool = False,
+          os_root: Path | None = None, policy_dir: Path | None = None) -> NoReturn:
     if isinstance(exc, HaiosError):
         # Messages can carry os_root names: never raw control characters.
-        click.echo(f"haios: {type(exc).__name__}: {printable(str(exc))}", err=True)
-        sys.exit(exc.exit_code)
-    click.echo(f"haios: internal error: {type(exc).__name__}", err=True)
-    sys.exit(EXIT_INTERNAL)
+        message, code = f"{type(exc).__name__}: {printable(str(exc))}", exc.exit_code
+        reason, error_class = exc.reason, type(exc).__name__
+    else:
+        # An unexpected exception's text may hold anything: only its class is shown.
+        message, code = f"internal error: {type(exc).__name__}", EXIT_INTERNAL
+        reason, error_class = "internal", type(exc).__name__
+    click.echo(f"haios: {message}", err=True)
+    if as_json:
+        # Refusals are runs too (ADR 0005): one object on stdout, whatever the code.
+        state = _verified_state(os_root, policy_dir) if os_root is not None else None
+        _echo_result(command=command, exit_code=code, reason=reason, error_class=error_class,
+                     message=message, state=state)
+    sys.exit(code)
+
+
+def _verified_state(os_root: Path, policy_dir: Path | None) -> dict[str, Any] | None:
+    """The os_root's state after a refusal, when it verifies; else None.
+
+    Side Effects:
+        Reads the policy folder and os_root (never writes).
+    """
+    from haios.app import state_command
+
+    try:
+        return state_command(os_root, policy_dir, dict(os.environ))
+    except Exception:  # no verified state is an answer (null), not a second failure
+        return None
+
+
+def _echo_result(*, command: str | None, exit_code: int, reason: str,
+                 error_class: str | None, message: str,
+                 state: dict[str, Any] | None) -> None:
+    from haios.cli.render import render_json, result_document
+
+    try:
+        document = result_document(command=command, exit_code=exit_code, reason=reason,
+                                   error_class=error_class, message=message, state=state)
+    except ValueError:
+        # A state that does not fit RunState must not cost the client its object.
+        document = result_document(command=command, exit_code=exit_code, reason=reason,
+                                   error_class=error_class, message=message, state=None)
+    click.echo(render_json(document))
 
 
 def _metrics_addr(_ctx: click.Context, _param: click.Parameter, value: str | None
@@ -83,7 +122,13 @@ def run(os_root: Path, policy_dir: Path | None, jobs: int,
         code, document, message = run_command(os_root, policy_dir, dict(os.environ), jobs=jobs,
                                               metrics_addr=metrics_addr)
     except Exception as exc:  # the one broad catch: map to the contract's codes
-        _fail(exc)
+        _fail(exc, command="run", as_json=as_json, os_root=os_root, policy_dir=policy_dir)
+    if document is None and as_json:
+        # A run that ended without a state document still prints its one object.
+        click.echo(f"haios: {message}", err=True)
+        _echo_result(command="run", exit_code=code, reason=_reason_for(code),
+                     error_class=None, message=printable(message), state=None)
+        sys.exit(code)
     _print(document, as_json, message, code)
     sys.exit(code)
 
@@ -100,7 +145,8 @@ def state(os_root: Path, policy_dir: Path | None, as_json: bool) -> None:
 
         document = state_command(os_root, policy_dir, dict(os.environ))
     except Exception as exc:  # the one broad catch: map to the contract's codes
-        _fail(exc)
+        # `state` reports no state on a refusal: the state is what failed to verify.
+        _fail(exc, command="state", as_json=as_json)
     _print(document, as_json, None, 0)
 
 
@@ -124,7 +170,44 @@ def _no_core_dumps() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(pr_set_dumpable, 0, 0, 0, 0)
 
 
-def main() -> None:
-    """Console-script entry point."""
+def _reason_for(code: int) -> str:
+    """The reason label for an exit code that came without an exception."""
+    from haios.models.result import STATUS_BY_EXIT
+
+    return STATUS_BY_EXIT.get(code, "internal_error")
+
+
+def _command_of(args: list[str]) -> str | None:
+    """The subcommand the arguments name, if any (for a usage error's object)."""
+    return next((a for a in args if a in {"run", "state"}), None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point.
+
+    Usage errors are handled here rather than by click, so that `--json`
+    gets its one object on exit 2 too (ADR 0005); click still prints its
+    usage diagnostic to stderr.
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+    """
     _no_core_dumps()
-    cli(prog_name="haios")
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        code = cli.main(args=args, prog_name="haios", standalone_mode=False)
+    except click.UsageError as exc:
+        exc.show()  # stderr: the usage line and the error
+        if "--json" in args:
+            # The arguments did not parse, so `--json` is taken from their text.
+            _echo_result(command=_command_of(args), exit_code=EXIT_USAGE, reason="usage",
+                         error_class=type(exc).__name__,
+                         message=printable(exc.format_message()), state=None)
+        sys.exit(EXIT_USAGE)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted!", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -2,12 +2,16 @@
 """Policy checks on a verified plan: the plan may name, never widen. Pure.
 
 Raises PolicyDeniedError (exit 3) for a profile or Vault scope the policy
-does not define, a Vault scope under a profile without network, a denied
-environment name, or a timeout above the policy's ceiling.
+does not define, a Vault scope under a profile whose egress does not
+include ``vault`` (contract section 12, read in docs/adr/0004-egress.md:
+"a profile whose network reaches VAULT_ADDR" is one whose egress allowlist
+names it), a denied environment name, or a timeout above the policy's
+ceiling.
 """
 
 from __future__ import annotations
 
+from haios.egress.endpoints import VAULT
 from haios.errors import PolicyDeniedError
 from haios.load.policy import Policy
 from haios.models.plan import ExecPlan
@@ -27,9 +31,9 @@ def decide_plan(plan: ExecPlan, policy: Policy) -> None:
             if step.vault_scope not in policy.file.vault_scopes:
                 raise PolicyDeniedError(f"{where}: Vault scope {step.vault_scope!r} is not in "
                                         "the policy")
-            if not profile.network:
-                raise PolicyDeniedError(f"{where}: Vault scope needs a profile with network, "
-                                        f"{step.profile!r} has none")
+            if VAULT not in profile.egress:
+                raise PolicyDeniedError(f"{where}: a Vault scope needs a profile whose network "
+                                        f"egress includes 'vault'; {step.profile!r} does not")
         for name in step.env:
             if env_name_denied(name, denied_env):
                 raise PolicyDeniedError(f"{where}: environment variable {name} is denied")

@@ -9,7 +9,9 @@ them. No I/O.
 
 from __future__ import annotations
 
+import ipaddress
 import posixpath
+import urllib.parse
 from typing import Annotated, Final, Literal, Self
 
 from pydantic import AfterValidator, Field, StringConstraints, field_validator, model_validator
@@ -193,6 +195,86 @@ class LedgerSection(StrictModel):
         return path
 
 
+_LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+InstanceName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+
+
+class MetricsSection(StrictModel):
+    """Where the final metrics of a run go besides os_root (docs/metrics.md).
+
+    Metrics served on ``--metrics-addr`` vanish when the run ends; these
+    settings keep them for Prometheus. Both are off by default.
+
+    Attributes:
+        pushgateway_url: base URL of a Prometheus Pushgateway, ``http://`` or
+            ``https://``, no credentials, query or fragment. The run pushes
+            its metrics there every ``push_interval_seconds`` while it runs
+            and once at its end. Plain ``http://`` only to a loopback host
+            (127.0.0.1, ::1, localhost); any other host needs ``https://``
+            and ``pushgateway_allow_remote = true``. Default: unset (no push).
+        pushgateway_allow_remote: explicit consent to push to a host other
+            than loopback. Default false.
+        push_interval_seconds: seconds between progress pushes while a run
+            runs; 1..3600, default 15.
+        textfile_dir: absolute, normalised directory of a node_exporter
+            textfile collector. The run's final metrics are written there
+            atomically as ``haios_<instance>_<os_root id>.prom`` (mode 0644).
+            It must be a root-owned directory not writable by group or
+            others. Default: unset (no file).
+        instance: the ``engine`` label (and grouping key) naming this engine
+            in the exported series. Default: the host name, when it is a
+            valid label value, else ``haios``.
+    """
+
+    pushgateway_url: Annotated[str, StringConstraints(min_length=8, max_length=2048)] | None = None
+    pushgateway_allow_remote: bool = False
+    push_interval_seconds: float = Field(default=15.0, ge=1.0, le=3600.0)
+    textfile_dir: AbsPath | None = None
+    instance: InstanceName | None = None
+
+    @field_validator("textfile_dir")
+    @classmethod
+    def _textfile_normalised(cls, path: str | None) -> str | None:
+        if path is None:
+            return path
+        if posixpath.normpath(path) != path or path.startswith("//") or path == "/":
+            raise ValueError(f"textfile_dir {path!r} must be an absolute, normalised path, not /")
+        return path
+
+    @model_validator(mode="after")
+    def _pushgateway_safe(self) -> Self:
+        url = self.pushgateway_url
+        if url is None:
+            return self
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("pushgateway_url must be an http:// or https:// URL with a host")
+        if parts.username or parts.password or parts.query or parts.fragment or "@" in url:
+            raise ValueError("pushgateway_url must not carry credentials, a query or a fragment")
+        if parts.path not in ("", "/"):
+            raise ValueError("pushgateway_url must be the gateway's base URL (no path)")
+        try:
+            _ = parts.port
+        except ValueError as exc:
+            raise ValueError("pushgateway_url has an invalid port") from exc
+        loopback = _is_loopback(parts.hostname)
+        if not loopback and not self.pushgateway_allow_remote:
+            raise ValueError("pushgateway_url names a non-loopback host: set "
+                             "pushgateway_allow_remote = true to allow it")
+        if not loopback and parts.scheme != "https":
+            raise ValueError("pushgateway_url to a non-loopback host must use https://")
+        return self
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_HOSTS:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class PolicyFile(StrictModel):
     """policy.toml as a whole."""
 
@@ -205,6 +287,7 @@ class PolicyFile(StrictModel):
     limits: LimitsSection = Field(default_factory=LimitsSection)
     env: EnvSection = Field(default_factory=EnvSection)
     ledger: LedgerSection = Field(default_factory=LedgerSection)
+    metrics: MetricsSection = Field(default_factory=MetricsSection)
 
 
 def env_name_denied(name: str, extra: frozenset[str]) -> bool:

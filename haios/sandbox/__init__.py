@@ -10,6 +10,9 @@ nothing heavy so that the launcher process stays small):
 - `haios.sandbox.preflight.check_sandbox_prerequisites`: refuse to run
   when the host cannot build the sandbox.
 - `haios.sandbox.evidence.confinement_record`: what was applied, for links.
+- `haios.sandbox.netns`: the step's network namespace (loopback, the
+  listeners of its allowed endpoints); the engine side of egress is
+  `haios.egress`.
 
 No I/O at import.
 """

@@ -17,37 +17,43 @@ raises `SandboxSetupError`. There is no "continue anyway" path.
      namespace, which protects it from the step.
   3  setsid: new session, no controlling terminal (TIOCSTI has no target, no
      job-control signals from the engine's terminal).
-  4  move the four pipes above 100 and close every other inherited
+  4  move the pipes and channels above 100 and close every other inherited
      descriptor, before any other stage can touch one (T-S08).
   5  join the step's cgroups (kill, memory, processes) while still root and in the host cgroup
      namespace, so every process of the step is accounted and killable.
-  6  unshare mount, IPC, UTS, cgroup (and network unless the profile shares
-     the host's) namespaces; after 5, so the cgroup namespace is rooted at
-     the step's cgroup.
-  7  hostname of the private UTS namespace (no host name leaks).
-  8  filesystem view and pivot_root (needs root, so before 13; /proc is
-     mounted here because this process is in the new PID namespace).
-  9  stdio: /dev/null of the view on 0, the output pipes on 1 and 2 (the
+  6  unshare mount, IPC, UTS, cgroup and network namespaces (network unless
+     the profile sets the unsafe host network); after 5, so the cgroup
+     namespace is rooted at the step's cgroup.
+  7  network: in the fresh network namespace, bring loopback up, add the
+     address endpoints to it, create one listener per allowed endpoint and
+     send them to the engine over the egress channel, then close every copy
+     (netns.py). Needs CAP_NET_ADMIN and CAP_NET_BIND_SERVICE, so before 14;
+     before 17 so the step never holds a listener or the channel.
+  8  hostname of the private UTS namespace (no host name leaks).
+  9  filesystem view and pivot_root (needs root, so before 14; /proc is
+     mounted here because this process is in the new PID namespace); the
+     view's /etc/hosts names only the endpoints of 7.
+  10 stdio: /dev/null of the view on 0, the output pipes on 1 and 2 (the
      step inherits them).
-  10 working directory = the workspace (HOME), umask 022.
-  11 resource limits, while still root and before the uid change, so the
+  11 working directory = the workspace (HOME), umask 022.
+  12 resource limits, while still root and before the uid change, so the
      kernel checks RLIMIT_NPROC at setresuid against the step's limit.
-  12 empty the capability bounding and ambient sets (needs CAP_SETPCAP,
+  13 empty the capability bounding and ambient sets (needs CAP_SETPCAP,
      lost with the uid change).
-  13 setgroups([]), setresgid, setresuid: groups and gid first, they need
+  14 setgroups([]), setresgid, setresuid: groups and gid first, they need
      CAP_SETGID which the uid change removes.
-  14 clear the inheritable capabilities (the uid change does not) and read
+  15 clear the inheritable capabilities (the uid change does not) and read
      uid, gid, groups and capabilities back; make the init non-dumpable so
      the step, same uid, cannot ptrace it or read its memory; re-arm the
      parent-death signal, which the uid change cleared.
-  15 no_new_privs: execve can never add privileges (setuid bits, file
+  16 no_new_privs: execve can never add privileges (setuid bits, file
      capabilities); also what lets an unprivileged process load filters.
-  16 seccomp last: the floor filter, then the profile filter. Everything
+  17 seccomp last: the floor filter, then the profile filter. Everything
      after it (posix_spawn, wait4, write, exit) is allowed by every profile
      (the lint requires it).
-  17 posix_spawn the step with exactly the engine's environment; an execve
+  18 posix_spawn the step with exactly the engine's environment; an execve
      failure comes back as its return value and is reported.
-  18 drop the init's copies of the step's pipes, close the report pipe (EOF
+  19 drop the init's copies of the step's pipes, close the report pipe (EOF
      tells the parent the step runs), reap every process that ends up in the
      namespace; when the step exits, write its wait status and exit: the
      kernel then kills whatever is left in the namespace.
@@ -68,7 +74,7 @@ import struct
 from collections.abc import Callable
 from typing import Final, NoReturn
 
-from haios.sandbox import _libc, fds, mounts, privs, rlimits
+from haios.sandbox import _libc, fds, mounts, netns, privs, rlimits
 from haios.sandbox._launchplan import LaunchPlan
 from haios.sandbox.spec import VIEW_WORKSPACE
 
@@ -95,6 +101,7 @@ class ChildFds:
         workspace: the step's workspace filesystem (a detached mount).
         cost: the step's cost-report filesystem (a detached mount).
         secret: the step's token filesystem (a detached mount), or -1.
+        egress: the egress channel the listeners are sent over, or -1.
     """
 
     stdout_w: int
@@ -104,6 +111,7 @@ class ChildFds:
     workspace: int = -1
     cost: int = -1
     secret: int = -1
+    egress: int = -1
 
 
 def _report(fd: int, stage: str, exc: BaseException) -> None:
@@ -163,6 +171,11 @@ class _Init:
 
     def unshare_namespaces(self) -> None:
         _libc.unshare(self.plan.namespaces)
+
+    def network(self) -> None:
+        netns.apply_network(self.plan.network, self.pipes.egress)
+        # Sent and closed (or never used): nothing of it may reach the step.
+        self.pipes = dataclasses.replace(self.pipes, egress=-1)
 
     def set_hostname(self) -> None:
         _libc.sethostname(self.plan.hostname)
@@ -251,16 +264,17 @@ def _stages(init: _Init) -> list[Stage]:
         ("4 close inherited descriptors", init.close_inherited),
         ("5 join cgroup", init.join_cgroup),
         ("6 unshare namespaces", init.unshare_namespaces),
-        ("7 hostname", init.set_hostname),
-        ("8 filesystem view", init.build_view),
-        ("9 stdio", init.stdio),
-        ("10 working directory", init.workdir),
-        ("11 resource limits", init.limits),
-        ("12 capability bounding/ambient sets", init.capability_sets),
-        ("13 groups, gid, uid", init.identity),
-        ("14 clear capabilities", init.capabilities),
-        ("15 no_new_privs", init.no_new_privs),
-        ("16 seccomp", init.seccomp),
+        ("7 network", init.network),
+        ("8 hostname", init.set_hostname),
+        ("9 filesystem view", init.build_view),
+        ("10 stdio", init.stdio),
+        ("11 working directory", init.workdir),
+        ("12 resource limits", init.limits),
+        ("13 capability bounding/ambient sets", init.capability_sets),
+        ("14 groups, gid, uid", init.identity),
+        ("15 clear capabilities", init.capabilities),
+        ("16 no_new_privs", init.no_new_privs),
+        ("17 seccomp", init.seccomp),
     ]
 
 
@@ -286,7 +300,7 @@ def run_init(plan: LaunchPlan, pipes: ChildFds) -> NoReturn:
         try:
             step_pid = init.start_step()
         except OSError as exc:
-            _report(init.pipes.report_w, "17 start step (execve)", exc)
+            _report(init.pipes.report_w, "18 start step (execve)", exc)
             os._exit(EXIT_SETUP_FAILED)
         init.release_step_fds()
         init.reap(step_pid)

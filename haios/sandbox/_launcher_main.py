@@ -6,9 +6,11 @@ that imports only this module and the sandbox child code, so forking from it
 costs the same whatever the engine's size. It serves one SOCK_SEQPACKET
 control socket shared with the engine:
 
-- request: ``{"plan": <LaunchPlan wire form>, "mounts": n}`` with 5 + n
-  descriptors (SCM_RIGHTS): a per-step reply socket, the four pipe write
-  ends, and the step's n detached filesystems (workspace, cost, secret);
+- request: ``{"plan": <LaunchPlan wire form>, "mounts": n, "egress": e}``
+  with 5 + e + n descriptors (SCM_RIGHTS): a per-step reply socket, the
+  four pipe write ends, the step's egress channel when e is 1 (the init
+  sends the step's listeners to the engine over it), and the step's n
+  detached filesystems (workspace, cost, secret);
 - it forks the init exactly as the engine would (`_spawn.spawn_init`), closes
   its copies of the pipes, and answers on the reply socket with
   ``{"pid": n}`` plus a pidfd, or ``{"error": reason}``;
@@ -36,8 +38,11 @@ from haios.sandbox._launchplan import from_wire
 
 MESSAGE_MAX_BYTES: Final = 4 * 1024 * 1024
 REQUEST_FDS: Final = 5
+#: the egress channel, when the step has endpoints
+MAX_EGRESS: Final = 1
 #: workspace, cost and (with a Vault scope) secret filesystems
 MAX_STEP_FS: Final = 3
+MAX_FDS: Final = REQUEST_FDS + MAX_EGRESS + MAX_STEP_FS
 
 
 class _Server:
@@ -62,7 +67,7 @@ class _Server:
     def handle_request(self) -> bool:
         try:
             message, fds, flags, _addr = socket.recv_fds(
-                self.control, MESSAGE_MAX_BYTES, REQUEST_FDS + MAX_STEP_FS
+                self.control, MESSAGE_MAX_BYTES, MAX_FDS
             )
         except OSError:
             return False
@@ -70,17 +75,21 @@ class _Server:
             for fd in fds:
                 os.close(fd)
             return False
-        if flags & socket.MSG_TRUNC or not REQUEST_FDS + 2 <= len(fds) <= REQUEST_FDS + MAX_STEP_FS:
+        if flags & socket.MSG_TRUNC or not REQUEST_FDS + 2 <= len(fds) <= MAX_FDS:
             for fd in fds:
                 os.close(fd)
             return True
         reply = socket.socket(fileno=fds[0])
-        step_fs = fds[REQUEST_FDS:] + [-1] * (REQUEST_FDS + MAX_STEP_FS - len(fds))
-        pipes = _child.ChildFds(*fds[1:REQUEST_FDS], *step_fs)
         try:
             request = json.loads(message)
-            if request["mounts"] != len(fds) - REQUEST_FDS:
+            egress = request.get("egress", 0)
+            if egress not in (0, 1) or request["mounts"] != len(fds) - REQUEST_FDS - egress:
                 raise ValueError("descriptor count does not match the request")
+            step_fs = (fds[REQUEST_FDS + egress:] + [-1] * MAX_STEP_FS)[:MAX_STEP_FS]
+            pipes = _child.ChildFds(
+                stdout_w=fds[1], stderr_w=fds[2], report_w=fds[3], status_w=fds[4],
+                workspace=step_fs[0], cost=step_fs[1], secret=step_fs[2],
+                egress=fds[REQUEST_FDS] if egress else -1)
             plan = from_wire(request["plan"])
             pid = _spawn.spawn_init(plan, pipes)
         except (SandboxSetupError, KeyError, TypeError, ValueError) as exc:

@@ -13,7 +13,7 @@ import base64
 import dataclasses
 from typing import Any
 
-from haios.sandbox import mounts
+from haios.sandbox import mounts, netns
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,7 @@ class LaunchPlan:
         uid: the step's uid.
         gid: the step's gid.
         namespaces: unshare(2) flags for the init (PID excluded).
+        network: the step's network namespace (loopback, addresses, listeners).
         hostname: the UTS namespace's hostname.
         cgroups: cgroup directories to join (kill/accounting, limits).
         view: the filesystem view.
@@ -43,6 +44,7 @@ class LaunchPlan:
     uid: int
     gid: int
     namespaces: int
+    network: netns.NetworkPlan
     hostname: str
     cgroups: tuple[str, ...]
     view: mounts.ViewPlan
@@ -70,6 +72,8 @@ def from_wire(data: dict[str, Any]) -> LaunchPlan:
     """
     view = dict(data["view"])
     view["entries"] = tuple(mounts.ViewEntry(**entry) for entry in view["entries"])
+    view["hosts"] = tuple((str(address), str(name)) for address, name in view["hosts"])
+    network = data["network"]
     return LaunchPlan(
         step_id=str(data["step_id"]),
         argv=tuple(data["argv"]),
@@ -77,6 +81,12 @@ def from_wire(data: dict[str, Any]) -> LaunchPlan:
         uid=int(data["uid"]),
         gid=int(data["gid"]),
         namespaces=int(data["namespaces"]),
+        network=netns.NetworkPlan(
+            mode=network["mode"],
+            addresses=tuple((int(f), str(a), int(p)) for f, a, p in network["addresses"]),
+            listeners=tuple((int(f), str(a), int(p)) for f, a, p in network["listeners"]),
+            backlog=int(network["backlog"]),
+        ),
         hostname=str(data["hostname"]),
         cgroups=tuple(str(path) for path in data["cgroups"]),
         view=mounts.ViewPlan(**view),

@@ -17,7 +17,7 @@ import threading
 from typing import Final
 
 from haios.errors import SandboxSetupError
-from haios.sandbox import _libc, env, mounts, rlimits, seccomp
+from haios.sandbox import _libc, env, mounts, netns, rlimits, seccomp
 from haios.sandbox._launchplan import LaunchPlan
 from haios.sandbox.profile import Profile
 from haios.sandbox.spec import StepSpec
@@ -101,8 +101,26 @@ def compiled_profile(profile: Profile) -> CompiledProfile:
 
 
 def namespaces_for(profile: Profile) -> int:
-    """unshare(2) flags for the init: network too unless the profile shares the host's."""
-    return BASE_NAMESPACES if profile.network else BASE_NAMESPACES | _libc.CLONE_NEWNET
+    """unshare(2) flags for the init: network too, unless the profile sets the
+    unsafe host network."""
+    if profile.unsafe_host_network:
+        return BASE_NAMESPACES
+    return BASE_NAMESPACES | _libc.CLONE_NEWNET
+
+
+def network_plan(spec: StepSpec) -> netns.NetworkPlan:
+    """The step's network plan.
+
+    Raises:
+        SandboxSetupError: endpoints under the host network, endpoints
+            without a channel, or endpoints that cannot be built.
+    """
+    if spec.egress is not None and spec.egress.channel_fd < 0:
+        raise SandboxSetupError(f"step {spec.step_id}: egress endpoints without a channel")
+    try:
+        return netns.plan_network(spec.egress, host_network=spec.profile.unsafe_host_network)
+    except ValueError as exc:
+        raise SandboxSetupError(f"step {spec.step_id}: {exc}") from exc
 
 
 def build_plan(spec: StepSpec, *, dry_run: bool = False) -> LaunchPlan:
@@ -124,6 +142,7 @@ def build_plan(spec: StepSpec, *, dry_run: bool = False) -> LaunchPlan:
         has_secret=spec.mounts.secret is not None,
         uid=spec.uid,
         gid=spec.gid,
+        hosts=netns.hosts_entries(spec.egress),
     )
     return LaunchPlan(
         step_id=spec.step_id,
@@ -132,6 +151,7 @@ def build_plan(spec: StepSpec, *, dry_run: bool = False) -> LaunchPlan:
         uid=spec.uid,
         gid=spec.gid,
         namespaces=namespaces_for(spec.profile),
+        network=network_plan(spec),
         hostname=HOSTNAME,
         cgroups=tuple(str(path) for path in
                       ((spec.cgroup,) if spec.cgroup is not None else ()) + spec.limit_cgroups),

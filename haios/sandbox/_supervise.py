@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import select
 import signal
@@ -94,16 +95,19 @@ class ParentEnds:
             os.close(fd)
 
 
-def open_pipes(mounts: StepMounts) -> tuple[_child.ChildFds, ParentEnds]:
-    """Four close-on-exec pipes and clones of the step's filesystems for the child.
+def open_pipes(mounts: StepMounts, egress_fd: int = -1) -> tuple[_child.ChildFds, ParentEnds]:
+    """Four close-on-exec pipes, clones of the step's filesystems and a copy
+    of its egress channel (when it has one) for the child.
 
-    The engine's pipe ends are non-blocking.
+    The engine's pipe ends are non-blocking. Every descriptor in the
+    returned `ChildFds` is the runner's own (`close_child_ends` closes it);
+    the caller keeps its `egress_fd`.
 
     Raises:
         SandboxSetupError: out of descriptors, or a mount cannot be cloned.
 
     Side Effects:
-        Creates pipes and detached mount clones.
+        Creates pipes, detached mount clones and a duplicate descriptor.
     """
     made: list[tuple[int, int]] = []
     try:
@@ -121,10 +125,18 @@ def open_pipes(mounts: StepMounts) -> tuple[_child.ChildFds, ParentEnds]:
             os.close(read_end)
             os.close(write_end)
         raise
+    channel = -1
+    if egress_fd >= 0:
+        try:
+            channel = fcntl.fcntl(egress_fd, fcntl.F_DUPFD_CLOEXEC, 3)
+        except OSError as exc:
+            for fd in [fd for pair in made for fd in pair] + [fd for fd in clones if fd >= 0]:
+                os.close(fd)
+            raise SandboxSetupError(f"cannot pass the egress channel ({exc.strerror})") from exc
     for read_end, _ in made:
         os.set_blocking(read_end, False)
     writes = [write_end for _, write_end in made]
-    child = _child.ChildFds(writes[0], writes[1], writes[2], writes[3], *clones)
+    child = _child.ChildFds(writes[0], writes[1], writes[2], writes[3], *clones, egress=channel)
     parent = ParentEnds(*(read_end for read_end, _ in made))
     return child, parent
 

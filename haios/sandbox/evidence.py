@@ -6,7 +6,7 @@ executes (`_plan.build_plan`), not from a second description of the policy,
 so the record cannot drift from what actually ran. The engine puts it in the
 in-toto link's ``environment`` field, letting a verifier prove *how* a
 product was made (profile digest, namespaces, identity, limits, filter
-hashes), not only from what.
+hashes, the egress allowlist applied), not only from what.
 
 No I/O beyond the profile's first compilation (cached; lstat of its paths).
 """
@@ -35,6 +35,28 @@ def _namespaces(flags: int) -> list[str]:
     return ["pid", *(name for bit, name in _NAMESPACE_NAMES if flags & bit)]
 
 
+def _egress(spec: StepSpec) -> dict[str, Any] | None:
+    """The egress allowlist applied: endpoints, where they lead, the bounds."""
+    if spec.egress is None:
+        return None
+    limits = spec.profile.egress_limits
+    return {
+        "endpoints": [
+            {"endpoint": route.endpoint, "dial": route.host or route.listen,
+             "listen": route.listen, "port": route.port,
+             "destinations": list(route.destinations)}
+            for route in spec.egress.routes
+        ],
+        "transport": "tcp, forwarded by the engine; nothing else leaves the namespace",
+        "limits": {
+            "connections_max": limits.connections_max,
+            "connections_total_max": limits.connections_total_max,
+            "bytes_max": limits.bytes_max,
+            "connect_timeout_seconds": limits.connect_timeout_seconds,
+        },
+    }
+
+
 def confinement_record(spec: StepSpec) -> dict[str, Any]:
     """Describe the confinement `NamespaceRunner` applies to `spec`.
 
@@ -43,7 +65,8 @@ def confinement_record(spec: StepSpec) -> dict[str, Any]:
 
     Returns:
         A JSON-compatible dict: record type, profile name and digest,
-        namespaces, network mode, uid/gid/groups, capability sets,
+        namespaces, network mode (``none``, ``egress`` or ``host``), the
+        egress allowlist and its limits, uid/gid/groups, capability sets,
         no_new_privs, rlimits, seccomp (default action, architecture, rule
         counts, SHA-256 of both BPF programs), filesystem view, cgroup use,
         timeout and output cap.
@@ -64,7 +87,8 @@ def confinement_record(spec: StepSpec) -> dict[str, Any]:
         "runner": "haios.sandbox.runner.NamespaceRunner",
         "profile": {"name": spec.profile.name, "digest": {"sha256": spec.profile.digest}},
         "namespaces": _namespaces(plan.namespaces),
-        "network": "host" if spec.profile.network else "none",
+        "network": plan.network.mode,
+        "egress": _egress(spec),
         "identity": {"uid": plan.uid, "gid": plan.gid, "supplementary_groups": []},
         "capabilities": {
             "effective": [],
@@ -101,6 +125,7 @@ def confinement_record(spec: StepSpec) -> dict[str, Any]:
                     "inodes": plan.view.tmp_inodes},
             "proc": {"path": "/proc", "options": mounts.PROC_OPTIONS},
             "dev": sorted(name for name, _major, _minor in mounts.DEVICES),
+            "hosts": [f"{address} {name}" for address, name in plan.view.hosts],
         },
         "session": "new, no controlling terminal",
         "cgroup": spec.cgroup is not None,

@@ -130,7 +130,7 @@ class Launcher:
         return self._process.pid
 
     def spawn(
-        self, plan: LaunchPlan, mounts: StepMounts, stack: ExitStack
+        self, plan: LaunchPlan, mounts: StepMounts, stack: ExitStack, *, egress_fd: int = -1
     ) -> tuple[_supervise.Spawned, _supervise.ParentEnds]:
         """Have the launcher fork one step's init.
 
@@ -138,6 +138,8 @@ class Launcher:
             plan: the launch plan.
             mounts: the step's filesystems; clones travel with the request.
             stack: receives the cleanup of every descriptor opened here.
+            egress_fd: the step's egress channel (a copy travels with the
+                request and goes to the init alone), or -1.
 
         Returns:
             The running init and the engine's pipe ends.
@@ -148,13 +150,15 @@ class Launcher:
         Side Effects:
             Creates pipes and sockets; the launcher forks.
         """
-        child_ends, parent_ends = _supervise.open_pipes(mounts)
+        child_ends, parent_ends = _supervise.open_pipes(mounts, egress_fd)
         stack.callback(parent_ends.close)
         reply, remote = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         stack.callback(reply.close)
         step_fs = [fd for fd in (child_ends.workspace, child_ends.cost, child_ends.secret)
                    if fd >= 0]
-        request = json.dumps({"plan": to_wire(plan), "mounts": len(step_fs)}).encode()
+        egress = [child_ends.egress] if child_ends.egress >= 0 else []
+        request = json.dumps({"plan": to_wire(plan), "mounts": len(step_fs),
+                              "egress": len(egress)}).encode()
         try:
             with self._send_lock:
                 socket.send_fds(
@@ -166,6 +170,7 @@ class Launcher:
                         child_ends.stderr_w,
                         child_ends.report_w,
                         child_ends.status_w,
+                        *egress,
                         *step_fs,
                     ],
                 )

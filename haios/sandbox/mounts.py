@@ -16,7 +16,9 @@ the init after unshare(CLONE_NEWNS)) builds the view:
    /tmp (both capped in bytes and inodes), the workspace and cost
    filesystems read-write and the secret filesystem read-only (detached
    tmpfs mounts the engine made, received as descriptors: no host path, see
-   stepfs.py), and generated /etc/passwd and /etc/group naming only the step;
+   stepfs.py), generated /etc/passwd and /etc/group naming only the step,
+   and a generated /etc/hosts naming only localhost and the host names the
+   step may reach (netns.py);
 4. pivot_root into it, detach the old root, remount the root read-only.
 
 Nothing else of the host exists in the view. This module does no I/O at
@@ -87,6 +89,7 @@ class ViewPlan:
         has_secret: a secret filesystem is shown read-only at VIEW_SECRET_DIR.
         uid: the step's uid (for the generated /etc/passwd).
         gid: the step's gid (for the generated /etc/group).
+        hosts: (address, name) lines of the generated /etc/hosts.
     """
 
     entries: tuple[ViewEntry, ...]
@@ -95,6 +98,7 @@ class ViewPlan:
     has_secret: bool
     uid: int
     gid: int
+    hosts: tuple[tuple[str, str], ...] = (("127.0.0.1", "localhost"),)
 
 
 def plan_read_only_paths(paths: tuple[tuple[str, bool], ...]) -> tuple[ViewEntry, ...]:
@@ -210,7 +214,8 @@ def _write_identity_files(plan: ViewPlan) -> None:
         "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
     )
     group = f"root:x:0:\nhaios:x:{plan.gid}:\nnogroup:x:65534:\n"
-    for name, text in (("etc/passwd", passwd), ("etc/group", group)):
+    hosts = "".join(f"{address} {name}\n" for address, name in plan.hosts)
+    for name, text in (("etc/passwd", passwd), ("etc/group", group), ("etc/hosts", hosts)):
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             os.write(fd, text.encode())

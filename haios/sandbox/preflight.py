@@ -5,7 +5,10 @@
 the capabilities the setup needs; every namespace type; seccomp in the
 kernel; libseccomp and both filters compiling; the staging directory; then,
 per profile, a complete dry-run launch (namespaces, view, pivot_root,
-identity drop, both filters loaded) that stops just before execve. Anything
+identity drop, both filters loaded) that stops just before execve; for a
+profile with egress endpoints the dry run also brings loopback up, adds an
+address to it, binds a listener below port 1024 and hands it over the
+egress channel, as a real step's network is built. Anything
 missing raises `SandboxSetupError` naming every problem found. There is no
 weaker mode to fall back to (no silent downgrade).
 
@@ -15,15 +18,16 @@ Does I/O: reads /proc, creates detached tmpfs mounts, forks.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from collections.abc import Iterable
 from typing import Final
 
 from haios.errors import PolicyLoadError, SandboxSetupError
-from haios.sandbox import _libc, _plan, mounts, seccomp
+from haios.sandbox import _libc, _plan, mounts, netns, seccomp
 from haios.sandbox.profile import Profile
 from haios.sandbox.runner import NamespaceRunner
-from haios.sandbox.spec import StepOutcome, StepSpec
+from haios.sandbox.spec import EgressRoute, StepEgress, StepOutcome, StepSpec
 from haios.sandbox.stepfs import StepMounts, open_capture
 
 #: the unprivileged identity used for the dry runs (nobody/nogroup)
@@ -38,6 +42,8 @@ REQUIRED_CAPABILITIES: Final = {
     "CAP_SETGID": 6,
     "CAP_SETUID": 7,
     "CAP_SETPCAP": 8,
+    "CAP_NET_BIND_SERVICE": 10,
+    "CAP_NET_ADMIN": 12,
     "CAP_SYS_ADMIN": 21,
     "CAP_MKNOD": 27,
 }
@@ -78,7 +84,15 @@ def _host_problems() -> list[str]:
     return problems
 
 
-def _probe_spec(profile: Profile, step_fs: StepMounts, captures: tuple[int, int]) -> StepSpec:
+#: the endpoints of an egress dry run: a name and an address added to loopback
+PROBE_ROUTES: Final = (
+    EgressRoute("preflight.invalid:443", "preflight.invalid", "127.200.0.1", 443, ("127.0.0.1",)),
+    EgressRoute("198.18.255.254:443", None, "198.18.255.254", 443, ("198.18.255.254",)),
+)
+
+
+def _probe_spec(profile: Profile, step_fs: StepMounts, captures: tuple[int, int],
+                egress: StepEgress | None = None) -> StepSpec:
     return StepSpec(
         plan_id="preflight",
         step_id=f"preflight-{profile.name}",
@@ -94,6 +108,7 @@ def _probe_spec(profile: Profile, step_fs: StepMounts, captures: tuple[int, int]
         stderr_fd=captures[1],
         output_limit_bytes=4096,
         cgroup=None,
+        egress=egress,
     )
 
 
@@ -115,12 +130,37 @@ def _dry_run(profile: Profile, runner: NamespaceRunner) -> StepOutcome:
     step_fs = StepMounts.create(PROBE_UID, PROBE_GID, workspace_bytes=PROBE_FS_BYTES,
                                 workspace_inodes=PROBE_FS_INODES, with_secret=False)
     captures = (open_capture("preflight-out"), open_capture("preflight-err"))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    egress = StepEgress(PROBE_ROUTES, theirs.fileno()) if profile.egress else None
     try:
-        return runner.dry_run(_probe_spec(profile, step_fs, captures))
+        outcome = runner.dry_run(_probe_spec(profile, step_fs, captures, egress))
+        if egress is not None:
+            _check_listeners(ours)
+        return outcome
     finally:
         step_fs.close()
         for fd in captures:
             os.close(fd)
+        ours.close()
+        theirs.close()
+
+
+def _check_listeners(channel: socket.socket) -> None:
+    """The dry run's listeners arrived over the channel (then closed).
+
+    Raises:
+        SandboxSetupError: they did not.
+    """
+    channel.setblocking(False)
+    try:
+        message, fds, _flags, _addr = socket.recv_fds(
+            channel, len(netns.LISTENERS_MESSAGE) + 1, len(PROBE_ROUTES) + 1)
+    except OSError as exc:
+        raise SandboxSetupError(f"egress listeners not delivered ({exc.strerror})") from exc
+    for fd in fds:
+        os.close(fd)
+    if message != netns.LISTENERS_MESSAGE or len(fds) != len(PROBE_ROUTES):
+        raise SandboxSetupError("egress listeners not delivered")
 
 
 def check_sandbox_prerequisites(

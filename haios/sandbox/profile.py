@@ -1,8 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """Sandbox profiles: the typed model of `DIR/profiles/<name>.toml`, its loader and lint.
 
-A profile says what a step may do: whether it shares the host network, which
-host paths it sees read-only, its resource limits and its seccomp allowlist.
+A profile says what a step may do: which TCP endpoints it may reach (its
+egress allowlist, docs/adr/0004-egress.md), which host paths it sees
+read-only, its resource limits and its seccomp allowlist.
 The format is documented for operators in `docs/sandbox.md`; each model field
 below states its unit and default.
 
@@ -17,6 +18,7 @@ validation and `lint_profile` are pure. Every problem is reported as
 from __future__ import annotations
 
 import hashlib
+import logging
 import posixpath
 import re
 import tomllib
@@ -33,10 +35,13 @@ from pydantic import (
 )
 
 from haios._util.strict_json import printable
+from haios.egress.endpoints import ENDPOINTS_MAX, parse_endpoint
 from haios.errors import PolicyLoadError
 from haios.load.policy_folder import PolicyFolder
 from haios.sandbox import syscall_policy
 from haios.sandbox.spec import VIEW_COST_DIR, VIEW_SECRET_DIR, VIEW_WORKSPACE
+
+_log = logging.getLogger(__name__)
 
 PROFILE_SCHEMA: Final = "haios/profile/v1"
 PROFILE_MAX_BYTES: Final = 256 * 1024
@@ -56,6 +61,7 @@ RESERVED_VIEW_PATHS: Final = (
     "/haios",
     "/etc/passwd",
     "/etc/group",
+    "/etc/hosts",
     VIEW_WORKSPACE,
     VIEW_COST_DIR,
     VIEW_SECRET_DIR,
@@ -281,6 +287,32 @@ class CgroupLimits(_Strict):
     pids_max: Annotated[int, Field(ge=8, le=65536)] = 512
 
 
+class EgressLimits(_Strict):
+    """Bounds on what one step may do through the engine's forwarder.
+
+    They protect the engine (descriptors, threads, bandwidth, audit volume)
+    from a step that floods its allowed endpoints (threat T-E04).
+
+    Attributes:
+        connections_max: connections forwarded at once; further connections
+            wait in the listener's queue until one ends. Default 16 (1..1024).
+        connections_total_max: connections over the step's whole life; once
+            reached, the listeners are closed and later attempts are refused
+            by the step's own kernel. Default 1024 (1..65536).
+        bytes_max: bytes forwarded in both directions together over the
+            step's whole life; once reached, every connection is cut and
+            the listeners closed. Default 1 GiB (1 KiB..1 TiB).
+        connect_timeout_seconds: how long the engine tries to reach a
+            destination (all its addresses together) before it resets the
+            step's connection. Default 10 (1..300).
+    """
+
+    connections_max: Annotated[int, Field(ge=1, le=1024)] = 16
+    connections_total_max: Annotated[int, Field(ge=1, le=65536)] = 1024
+    bytes_max: Annotated[int, Field(ge=1024, le=1024 * GIB)] = GIB
+    connect_timeout_seconds: Annotated[int, Field(ge=1, le=300)] = 10
+
+
 class Profile(_Strict):
     """One sandbox profile, as loaded from `DIR/profiles/<name>.toml`.
 
@@ -290,8 +322,16 @@ class Profile(_Strict):
         name: the file's base name (set by the loader, not in the file).
         digest: lowercase hex SHA-256 of the file's bytes (set by the loader).
         description: what the profile is for (required).
-        network: false (default) gives the step a private network namespace
-            with no usable interface; true shares the host's.
+        egress: the TCP endpoints the step may reach, each ``"vault"`` (the
+            engine's VAULT_ADDR), ``"NAME:PORT"``, ``"IPV4:PORT"`` or
+            ``"[IPV6]:PORT"`` (see `haios.egress.endpoints`). Default: none,
+            so the step's private network namespace has no usable interface.
+            At most 64, no duplicates.
+        egress_limits: bounds on the step's forwarded connections (defaults
+            as in `EgressLimits`).
+        unsafe_host_network: true shares the host's network namespace: the
+            step reaches everything the host reaches. Default false; never
+            set in a shipped profile; excludes `egress`; warned on load.
         rlimits: per-process resource limits (defaults as in `Rlimits`).
         cgroup: limits on the whole step tree (defaults as in `CgroupLimits`).
         filesystem: the read-only view and the tmpfs sizes (required).
@@ -304,11 +344,33 @@ class Profile(_Strict):
     name: Annotated[str, StringConstraints(pattern=PROFILE_NAME_RE.pattern)]
     digest: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
     description: _COMMENT
-    network: bool = False
+    egress: Annotated[tuple[str, ...], Field(max_length=ENDPOINTS_MAX)] = ()
+    egress_limits: EgressLimits = EgressLimits()
+    unsafe_host_network: bool = False
     rlimits: Rlimits = Rlimits()
     cgroup: CgroupLimits = CgroupLimits()
     filesystem: FilesystemPolicy
     seccomp: SeccompPolicy
+
+    @model_validator(mode="after")
+    def _check_egress(self) -> Profile:
+        seen: set[str] = set()
+        listeners: set[tuple[str, int]] = set()
+        for text in self.egress:
+            endpoint = parse_endpoint(text)
+            if text in seen:
+                raise ValueError(f"egress lists {text!r} twice")
+            seen.add(text)
+            if endpoint.kind in ("localhost", "address"):
+                # localhost:P and 127.0.0.1:P would be one listener.
+                host = "127.0.0.1" if endpoint.kind == "localhost" else endpoint.host
+                if (host, endpoint.port) in listeners:
+                    raise ValueError(f"egress entry {text!r} duplicates another entry")
+                listeners.add((host, endpoint.port))
+        if self.unsafe_host_network and self.egress:
+            raise ValueError("unsafe_host_network shares the host's network: egress "
+                             "cannot be combined with it")
+        return self
 
 
 # -- lint ---------------------------------------------------------------------
@@ -416,6 +478,22 @@ def _lint_paths(profile: Profile) -> list[str]:
     return findings
 
 
+def _lint_host_network(profile: Profile) -> list[str]:
+    # In the host's network namespace, abstract unix socket names (dbus,
+    # X11, daemons) are the host's: such a profile must not allow AF_UNIX.
+    if not profile.unsafe_host_network:
+        return []
+    unix = syscall_policy.SYMBOLS["AF_UNIX"]
+    for number, rule in enumerate(profile.seccomp.allow):
+        if "socket" not in rule.syscalls:
+            continue
+        families = [resolve_symbolic(a.value) for a in rule.args if a.index == 0 and a.op == "eq"]
+        if not families or unix in families:
+            return [f"seccomp.allow[{number}]: unsafe_host_network needs socket(AF_UNIX) "
+                    "refused (the host's abstract unix sockets are reachable)"]
+    return []
+
+
 def _lint_required(profile: Profile) -> list[str]:
     allowed = {name for rule in profile.seccomp.allow if not rule.args for name in rule.syscalls}
     findings = [
@@ -435,7 +513,8 @@ def lint_profile_result(profile: Profile) -> tuple[str, ...]:
     refuses; each dangerous call has a rule of its own naming it; clone and
     personality carry the required argument filters; no call is listed twice
     in a way libseccomp would merge; no read-only path is duplicated or
-    nested; the calls the sandbox itself needs are allowed.
+    nested; the calls the sandbox itself needs are allowed; a profile with
+    the unsafe host network does not allow AF_UNIX sockets.
 
     Returns:
         One-line findings; empty when the profile is clean.
@@ -445,6 +524,7 @@ def lint_profile_result(profile: Profile) -> tuple[str, ...]:
         + _lint_allow(profile)
         + _lint_duplicates(profile)
         + _lint_paths(profile)
+        + _lint_host_network(profile)
         + _lint_required(profile)
     )
 
@@ -498,6 +578,13 @@ def parse_profile(name: str, data: bytes) -> Profile:
     for reserved in ("name", "digest"):
         if reserved in document:
             raise PolicyLoadError(f"{shown}: {reserved!r} is set by the engine, not the file")
+    if "network" in document:
+        # Refused rather than ignored: `network = true` used to share the
+        # host's network, and silently meaning something else is worse.
+        raise PolicyLoadError(
+            f"{shown}: 'network' was replaced by 'egress' (docs/adr/0004-egress.md): list the "
+            "TCP endpoints the step may reach, e.g. egress = [\"vault\"]"
+        )
     document["name"] = name
     document["digest"] = hashlib.sha256(data).hexdigest()
     try:
@@ -569,4 +656,7 @@ def load_profile_from(folder: PolicyFolder, name: str) -> Profile:
         seccomp.profile_program(profile)
     except PolicyLoadError as exc:
         raise PolicyLoadError(f"{shown}: {exc}") from exc
+    if profile.unsafe_host_network:
+        _log.warning("UNSAFE: profile %s shares the host's network namespace "
+                     "(unsafe_host_network): its steps reach everything this host reaches", name)
     return profile

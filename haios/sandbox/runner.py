@@ -30,11 +30,15 @@ if TYPE_CHECKING:
     from haios.sandbox.launcher import Launcher
 
 
+def _egress_fd(spec: StepSpec) -> int:
+    return -1 if spec.egress is None else spec.egress.channel_fd
+
+
 def _direct_spawn(
     spec: StepSpec, plan_dry_run: bool, stack: ExitStack
 ) -> tuple[_supervise.Spawned, _supervise.ParentEnds]:
     plan = _plan.build_plan(spec, dry_run=plan_dry_run)
-    child_ends, parent_ends = _supervise.open_pipes(spec.mounts)
+    child_ends, parent_ends = _supervise.open_pipes(spec.mounts, _egress_fd(spec))
     stack.callback(parent_ends.close)
     try:
         pid = _spawn.spawn_init(plan, child_ends)
@@ -106,7 +110,8 @@ class NamespaceRunner:
                 spawned, ends = _direct_spawn(spec, dry_run, stack)
             else:
                 plan = _plan.build_plan(spec, dry_run=dry_run)
-                spawned, ends = self._launcher.spawn(plan, spec.mounts, stack)
+                spawned, ends = self._launcher.spawn(plan, spec.mounts, stack,
+                                                     egress_fd=_egress_fd(spec))
             return _supervise.supervise(
                 spec, spawned, ends, (spec.stdout_fd, spec.stderr_fd), started=started,
                 on_start=on_start,

@@ -13,6 +13,11 @@ the view:
 - the workspace (read-write, HOME and cwd): `VIEW_WORKSPACE`
 - the cost report directory (read-write):   `VIEW_COST_DIR`
 - the Vault token directory (read-only):     `VIEW_SECRET_DIR`
+
+Network reach is described by `StepEgress`: the TCP endpoints the step may
+dial (each a listener inside the step's own network namespace) and the
+channel over which the sandbox hands those listeners to the engine's
+forwarder (`haios.egress.forward`, docs/adr/0004-egress.md).
 """
 
 from __future__ import annotations
@@ -31,6 +36,46 @@ VIEW_COST_DIR = "/haios/cost"
 VIEW_COST_REPORT = "/haios/cost/report.json"
 VIEW_SECRET_DIR = "/haios/secret"
 VIEW_TOKEN_FILE = "/haios/secret/token"
+
+
+@dataclasses.dataclass(frozen=True)
+class EgressRoute:
+    """One TCP endpoint a step may reach, as the sandbox and the forwarder apply it.
+
+    Attributes:
+        endpoint: the profile's entry (``"vault"``, ``"pypi.org:443"``), the
+            label in records and evidence.
+        host: the name the step dials (published in its /etc/hosts), or None
+            for an address endpoint (the step dials the address itself).
+        listen: the address of the listener inside the step's network
+            namespace: a private loopback address per host name,
+            127.0.0.1 for ``localhost``, the address itself for an address
+            endpoint (added to the namespace's loopback interface).
+        port: the TCP port, the same inside and outside.
+        destinations: the addresses the engine forwards to, tried in order;
+            resolved by the engine from the host, never by the step.
+    """
+
+    endpoint: str
+    host: str | None
+    listen: str
+    port: int
+    destinations: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepEgress:
+    """The step's allowed endpoints and the channel for their listeners.
+
+    Attributes:
+        routes: the endpoints (at least one).
+        channel_fd: one end of a SOCK_SEQPACKET socket pair; the sandbox
+            init sends the listening sockets over it, in `routes` order, and
+            closes it before the step starts. The caller owns it.
+    """
+
+    routes: tuple[EgressRoute, ...]
+    channel_fd: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +104,10 @@ class StepSpec:
             CPU accounting), or None.
         limit_cgroups: further cgroup directories the step joins before exec
             (memory and process limits, v1 or v2), root-owned, never client paths.
+        egress: the TCP endpoints the step may reach through the engine's
+            forwarder, or None: then the step's network namespace has no
+            usable interface (unless its profile sets the unsafe host
+            network, which shares the host's namespace).
     """
 
     plan_id: str
@@ -76,6 +125,7 @@ class StepSpec:
     output_limit_bytes: int
     cgroup: Path | None
     limit_cgroups: tuple[Path, ...] = ()
+    egress: StepEgress | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from haios.sandbox.profile import load_profile
 from haios.sandbox.runner import NamespaceRunner
 from tests.sandbox_helpers import (
     POLICY_DIR,
@@ -29,6 +30,7 @@ from tests.sandbox_helpers import (
     cost_path,
     run_python_probe,
     workspace_path,
+    write_profile,
 )
 
 CLONE_NEWUSER = 0x10000000
@@ -392,11 +394,36 @@ def test_default_profile_cannot_reach_a_local_listener(tmp_path: Path) -> None:
     assert received == []
 
 
-def test_network_profile_reaches_a_local_listener(tmp_path: Path) -> None:
+def test_network_profile_without_its_forwarder_reaches_nothing(tmp_path: Path) -> None:
+    # The `network` profile no longer shares the host's network (ADR 0004):
+    # a step reaches only the endpoints its forwarder serves, here none.
     server, received = _listener()
     with server:
         probe = run_python_probe(
             NamespaceRunner(), tmp_path, _connect_body(server.getsockname()[1]), profile="network"
+        )
+    assert probe.outcome.exit_code == 0, probe.stderr
+    assert probe.results["connect"] == errno.ENETUNREACH
+    assert received == []
+    # Abstract unix names are private to the step's own network namespace.
+    assert probe.results["unix_socket"] == 0
+
+
+def test_unsafe_host_network_reaches_a_local_listener(tmp_path: Path) -> None:
+    # The explicit, documented-unsafe operator setting no shipped profile uses.
+    text = (POLICY_DIR / "profiles" / "default.toml").read_text().replace(
+        "egress = []", "unsafe_host_network = true").replace(
+        'args = [{ index = 0, op = "eq", value = "AF_UNIX" }]',
+        'args = [{ index = 0, op = "eq", value = "AF_UNSPEC" }]') + (
+        '\n[[seccomp.deny]]\ncomment = "No AF_UNIX socket: the host\'s abstract names."\n'
+        'syscalls = ["socket"]\nerrno = "EPERM"\n'
+        'args = [{ index = 0, op = "eq", value = "AF_UNIX" }]\n')
+    (tmp_path / "policy").mkdir()
+    profile = load_profile(write_profile(tmp_path / "policy", text), "test")
+    server, received = _listener()
+    with server:
+        probe = run_python_probe(
+            NamespaceRunner(), tmp_path, _connect_body(server.getsockname()[1]), profile=profile
         )
         for _ in range(100):
             if received:
@@ -405,5 +432,6 @@ def test_network_profile_reaches_a_local_listener(tmp_path: Path) -> None:
     assert probe.outcome.exit_code == 0, probe.stderr
     assert probe.results["connect"] == 0
     assert received == [b"hello"]
-    # Host abstract unix names are reachable from the host network namespace.
+    # Host abstract unix names are reachable from the host network namespace:
+    # the lint makes such a profile refuse AF_UNIX.
     assert probe.results["unix_socket"] == errno.EPERM

@@ -111,6 +111,10 @@ CONTRACT = {
     "haios_cost": ("counter", {"unit"}),
     "haios_budget_remaining": ("gauge", {"unit"}),
     "haios_sandbox_violations": ("counter", {"kind"}),
+    # ADR 0004 (egress) adds these to the contract's table
+    "haios_egress_connections": ("counter", {"outcome"}),
+    "haios_egress_refusals": ("counter", {"reason"}),
+    "haios_egress_bytes": ("counter", {"direction"}),
 }
 
 

@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[2]
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "haios.json"
 
-# Copied from the table in contract section 10; change it only with the contract.
+# Copied from the table in contract section 10, with the rows ADR 0004
+# (docs/adr/0004-egress.md) adds; change it only with the contract.
 CONTRACT_TABLE = """
 | `haios_build_info` | gauge (1) | `version`, `contract` |
 | `haios_plan_runs_total` | counter | `outcome` (a plan status) |
@@ -58,6 +59,9 @@ CONTRACT_TABLE = """
 | `haios_cost_total` | counter | `unit` (`cpu_seconds`, `wall_seconds`, `usd`, `tokens`) |
 | `haios_budget_remaining` | gauge | `unit` |
 | `haios_sandbox_violations_total` | counter | `kind` |
+| `haios_egress_connections_total` | counter | `outcome` |
+| `haios_egress_refusals_total` | counter | `reason` |
+| `haios_egress_bytes_total` | counter | `direction` (`out`, `in`) |
 """  # noqa: E501 - a verbatim copy
 
 # The label values the contract enumerates (sections 6 and 10).
@@ -130,7 +134,7 @@ def publish(recorder: MetricsRecorder, event_kind: str, /, **fields: object) -> 
 
 
 def test_contract_table_copy_is_complete() -> None:
-    assert len(CONTRACT) == 15
+    assert len(CONTRACT) == 18
     assert CONTRACT["haios_verifications_total"] == ("counter", frozenset({"kind", "result"}))
 
 
@@ -777,7 +781,13 @@ tests:
         values: '0 1 1 1 1 1 1 1 1 1 1 1'
       - series: 'haios_steps_running{job="haios",instance="a"}'
         values: '0 0 0 0 0 0 0 0 0 0 0 0'
+      - series: 'haios_egress_refusals_total{job="haios",instance="a",reason="byte_limit"}'
+        values: '0 0 1 1'
     alert_rule_test:
+      - eval_time: 3m
+        alertname: HaiosEgressRefused
+        exp_alerts:
+          - exp_labels: {severity: warning, job: haios, instance: a, reason: byte_limit}
       - eval_time: 3m
         alertname: HaiosKillSwitchEngaged
         exp_alerts:
@@ -820,7 +830,12 @@ tests:
         values: '0 0 0 0 0 0 0 0 0 0 0 0'
       - series: 'haios_steps_running{job="haios",instance="a"}'
         values: '0 1 1 1 1 1 1 1 1 1 1 1'
+      - series: 'haios_egress_refusals_total{job="haios",instance="a",reason="byte_limit"}'
+        values: '0 0 0 0'
     alert_rule_test:
+      - eval_time: 3m
+        alertname: HaiosEgressRefused
+        exp_alerts: []
       - eval_time: 3m
         alertname: HaiosKillSwitchEngaged
         exp_alerts: []

@@ -16,7 +16,9 @@ import pytest
 from haios.errors import SandboxSetupError
 from haios.sandbox import _plan
 from haios.sandbox.evidence import confinement_record
-from tests.sandbox_helpers import make_spec
+from haios.sandbox.profile import load_profile
+from haios.sandbox.spec import EgressRoute, StepEgress
+from tests.sandbox_helpers import MINIMAL_PROFILE, make_spec, write_profile
 
 
 def test_record_describes_the_applied_confinement(tmp_path: Path) -> None:
@@ -39,8 +41,36 @@ def test_record_describes_the_applied_confinement(tmp_path: Path) -> None:
     assert record["filesystem"]["secret_dir"] is None
 
 
-def test_network_profile_record_says_host_network(tmp_path: Path) -> None:
+def test_egress_record_names_the_allowlist_applied(tmp_path: Path) -> None:
+    routes = (EgressRoute("vault", "vault.example", "127.200.0.1", 8200, ("192.0.2.10",)),
+              EgressRoute("198.51.100.7:5432", None, "198.51.100.7", 5432, ("198.51.100.7",)))
+    spec = make_spec(tmp_path, ("/bin/true",), profile="network",
+                     egress=StepEgress(routes, channel_fd=99))
+    record = confinement_record(spec)
+    assert json.loads(json.dumps(record)) == record
+    assert record["network"] == "egress"
+    assert "network" in record["namespaces"]
+    assert record["egress"]["endpoints"] == [
+        {"endpoint": "vault", "dial": "vault.example", "listen": "127.200.0.1", "port": 8200,
+         "destinations": ["192.0.2.10"]},
+        {"endpoint": "198.51.100.7:5432", "dial": "198.51.100.7", "listen": "198.51.100.7",
+         "port": 5432, "destinations": ["198.51.100.7"]},
+    ]
+    assert record["egress"]["limits"]["connections_max"] == 16
+    assert record["filesystem"]["hosts"] == ["127.0.0.1 localhost", "127.200.0.1 vault.example"]
+
+
+def test_network_profile_without_resolved_endpoints_records_none(tmp_path: Path) -> None:
     record = confinement_record(make_spec(tmp_path, ("/bin/true",), profile="network"))
+    assert record["network"] == "none"
+    assert record["egress"] is None
+    assert record["filesystem"]["hosts"] == ["127.0.0.1 localhost"]
+
+
+def test_unsafe_host_network_record_says_host(tmp_path: Path) -> None:
+    text = MINIMAL_PROFILE.replace("egress = []", "unsafe_host_network = true")
+    profile = load_profile(write_profile(tmp_path, text), "test")
+    record = confinement_record(make_spec(tmp_path, ("/bin/true",), profile=profile))
     assert record["network"] == "host"
     assert "network" not in record["namespaces"]
 

@@ -32,7 +32,8 @@ def test_minimal_profile_loads(tmp_path: Path) -> None:
 def test_shipped_profiles_load_and_lint_clean(name: str) -> None:
     profile = load_profile(POLICY_DIR, name)
     assert lint_profile_result(profile) == ()
-    assert profile.network is (name == "network")
+    assert profile.egress == (("vault",) if name == "network" else ())
+    assert profile.unsafe_host_network is False
 
 
 def test_digest_is_the_sha256_of_the_file_bytes(tmp_path: Path) -> None:
@@ -187,7 +188,7 @@ INVALID = {
     "cgroup_pids_too_few": (MINIMAL + "\n[cgroup]\npids_max = 7\n", "pids_max"),
     "cgroup_pids_too_many": (MINIMAL + "\n[cgroup]\npids_max = 65537\n", "pids_max"),
     "cgroup_unknown_key": (MINIMAL + "\n[cgroup]\ncpu_max = 1\n", "cgroup.cpu_max"),
-    "cgroup_not_a_table": (MINIMAL.replace("network = false", "network = false\ncgroup = 1"),
+    "cgroup_not_a_table": (MINIMAL.replace("egress = []", "egress = []\ncgroup = 1"),
                            "cgroup"),
     "control_character_in_key": (
         MINIMAL + '\n[cgroup]\n"pids\\u0000\\u001b[2J" = 1\n',
@@ -270,7 +271,7 @@ def test_lint_catches_allow_default_built_without_validation(tmp_path: Path) -> 
 def test_profile_is_immutable(tmp_path: Path) -> None:
     profile = load_profile(write_profile(tmp_path, MINIMAL), "test")
     with pytest.raises(Exception, match="frozen"):
-        profile.network = True  # type: ignore[misc]
+        profile.unsafe_host_network = True  # type: ignore[misc]
     assert isinstance(profile.seccomp.allow, tuple)
 
 

@@ -1,0 +1,307 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Metrics that outlive a run, with the real Prometheus, Pushgateway and node_exporter.
+
+Threat: an operator's alerting is blind to the events that matter most (a
+rejection, a kill, a sandbox violation, a budget halt), because each ends
+the run within a second and its metrics vanish with the process. Here real
+runs push to a real Pushgateway and write into a real node_exporter textfile
+directory; a real Prometheus scrapes both every second, evaluates the
+shipped `deploy/prometheus/alerts.yml` every second, and its HTTP API must
+show each alert firing. Every server listens on 127.0.0.1 on a free port
+and is stopped by PID.
+
+Debian packages: prometheus, prometheus-pushgateway, prometheus-node-exporter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.world import World, plan, py, read_json, sh, step
+
+PROJECT = Path(__file__).resolve().parents[2]
+ALERTS = PROJECT / "deploy" / "prometheus" / "alerts.yml"
+BINARIES = ("prometheus", "prometheus-pushgateway", "prometheus-node-exporter")
+
+
+def _binary(name: str) -> str:
+    found = shutil.which(name)
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is missing; CI installs Debian's {name} package")
+        pytest.skip(f"{name} not installed (apt-get install {' '.join(BINARIES)})")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - 127.0.0.1 only
+        return json.loads(response.read())
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{url} exited: {log.read_text()[-2000:]}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2):  # noqa: S310 - 127.0.0.1 only
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{url} not ready: {log.read_text()[-2000:]}")
+
+
+@contextlib.contextmanager
+def _server(args: list[str], ready: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_ready(ready, process, log)
+        yield process
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=15)
+
+
+class Stack:
+    """Pushgateway + node_exporter (textfile only) + Prometheus with the shipped rules."""
+
+    def __init__(self, base: Path, pushgateway: str, textfile_dir: Path, prometheus: str) -> None:
+        self.base, self.pushgateway = base, pushgateway
+        self.textfile_dir, self.prometheus = textfile_dir, prometheus
+
+    def firing(self) -> list[dict[str, Any]]:
+        alerts = _get(f"{self.prometheus}/api/v1/alerts")["data"]["alerts"]
+        return [a for a in alerts if a["state"] == "firing"]
+
+    def wait_firing(self, name: str, match: dict[str, str], timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for alert in self.firing():
+                labels = alert["labels"]
+                if labels.get("alertname") == name and all(
+                    labels.get(k) == v for k, v in match.items()
+                ):
+                    return alert
+            time.sleep(0.5)
+        pytest.fail(f"{name} {match} never fired; firing: {self.firing()}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    binaries = {name: _binary(name) for name in BINARIES}
+    base = tmp_path_factory.mktemp("prom")
+    textfile_dir = base / "textfile"
+    textfile_dir.mkdir(mode=0o755)
+    os.chmod(textfile_dir, 0o755)
+    pg_port, ne_port, prom_port = _free_port(), _free_port(), _free_port()
+    pushgateway = f"http://127.0.0.1:{pg_port}"
+    config = base / "prometheus.yml"
+    config.write_text(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files: ['{ALERTS}']\n"
+        "scrape_configs:\n"
+        "  - job_name: pushgateway\n    honor_labels: true\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{pg_port}']}}]\n"
+        "  - job_name: node\n"
+        f"    static_configs: [{{targets: ['127.0.0.1:{ne_port}']}}]\n"
+    )
+    with (
+        _server(
+            [binaries["prometheus-pushgateway"], f"--web.listen-address=127.0.0.1:{pg_port}"],
+            f"{pushgateway}/-/ready",
+            base / "pushgateway.log",
+        ),
+        _server(
+            [
+                binaries["prometheus-node-exporter"],
+                f"--web.listen-address=127.0.0.1:{ne_port}",
+                "--collector.disable-defaults",
+                "--collector.textfile",
+                f"--collector.textfile.directory={textfile_dir}",
+            ],
+            f"http://127.0.0.1:{ne_port}/metrics",
+            base / "node_exporter.log",
+        ),
+        _server(
+            [
+                binaries["prometheus"],
+                f"--config.file={config}",
+                f"--storage.tsdb.path={base / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            f"http://127.0.0.1:{prom_port}/-/ready",
+            base / "prometheus.log",
+        ),
+    ):
+        yield Stack(base, pushgateway, textfile_dir, f"http://127.0.0.1:{prom_port}")
+
+
+@pytest.fixture
+def world(tmp_path: Path, stack: Stack) -> World:
+    world = World(tmp_path / "world")
+    world.write_policy(
+        world.policy,
+        extra=(
+            f'\n[metrics]\npushgateway_url = "{stack.pushgateway}"\n'
+            f'textfile_dir = "{stack.textfile_dir}"\npush_interval_seconds = 1.0\n'
+            'instance = "test-engine"\n'
+        ),
+    )
+    return world
+
+
+def os_root_id(root: Path) -> str:
+    from haios.metrics_export import os_root_id as compute
+
+    return compute(os.stat(root))
+
+
+def pushed_groups(stack: Stack) -> list[dict[str, Any]]:
+    return _get(f"{stack.pushgateway}/api/v1/metrics")["data"]
+
+
+def check_exported(stack: Stack, root: Path) -> None:
+    """The run's group is on the gateway and its textfile is there, 0644, no `_created`."""
+    oid = os_root_id(root)
+    labels = [g["labels"] for g in pushed_groups(stack)]
+    assert {"job": "haios", "engine": "test-engine", "os_root": oid} in labels, labels
+    path = stack.textfile_dir / f"haios_test-engine_{oid}.prom"
+    assert path.stat().st_mode & 0o777 == 0o644
+    text = path.read_text()
+    assert "_created" not in text
+    assert f'os_root="{oid}"' in text
+    assert str(root) not in text
+    assert not [p for p in stack.textfile_dir.iterdir() if not p.name.endswith(".prom")]
+
+
+def test_rejected_run_fires_rejection_and_verification_alerts(world: World, stack: Stack) -> None:
+    root = world.os_root(plan("rejected", [step("s", sh("true"))]))
+    world.write_plan(root, plan("rejected", [step("s", sh("true"))]), key=world.outsider)
+    assert world.run(root).code == 3
+    check_exported(stack, root)
+    oid = os_root_id(root)
+    stack.wait_firing("HaiosRejections", {"os_root": oid, "job": "haios"})
+    stack.wait_firing("HaiosVerificationFailures", {"os_root": oid, "kind": "plan"})
+    # node_exporter serves the same run through the textfile collector
+    stack.wait_firing("HaiosRejections", {"os_root": oid, "job": "node"})
+
+
+def test_kill_switch_fires(world: World, stack: Stack) -> None:
+    root = world.os_root(plan("killed", [step("s", sh("sleep 30"), timeout_seconds=60)]))
+    (root / "control" / "KILL").write_text("")
+    assert world.run(root).code == 4
+    check_exported(stack, root)
+    stack.wait_firing("HaiosKillSwitchEngaged", {"os_root": os_root_id(root)})
+
+
+def test_kill_during_a_run_fires(world: World, stack: Stack) -> None:
+    root = world.os_root(
+        plan(
+            "killed-live",
+            [
+                step("s", sh("touch started; sleep 30"), timeout_seconds=60),
+            ],
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "HAIOS_"))}
+    engine = subprocess.Popen(
+        ["python3", "-m", "haios", "run", str(root), "--policy", str(world.policy)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = root / "state.json"
+        if state.exists() and read_json(state)["steps"]["s"]["status"] == "running":
+            break
+        time.sleep(0.05)
+    # the progress push shows the running step before the run ends
+    oid = os_root_id(root)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        groups = [g for g in pushed_groups(stack) if g["labels"].get("os_root") == oid]
+        running = groups and groups[0].get("haios_steps_running", {}).get("metrics", [{}])
+        if running and running[0].get("value") == "1":
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("no progress push showed the running step")
+    (root / "control" / "KILL.s").write_text("")
+    assert engine.wait(timeout=60) == 4
+    check_exported(stack, root)
+    stack.wait_firing("HaiosKillSwitchEngaged", {"os_root": oid})
+
+
+def test_budget_halt_fires(world: World, stack: Stack) -> None:
+    spend = py(
+        "import json, os; json.dump({'usd': 2.0, 'tokens': 0}, "
+        "open(os.environ['HAIOS_COST_REPORT'], 'w'))"
+    )
+    root = world.os_root(
+        plan("budget", [step("a", spend), step("b", sh("true"), needs=["a"])], budget={"usd": 1.0})
+    )
+    assert world.run(root).code == 5
+    check_exported(stack, root)
+    stack.wait_firing("HaiosBudgetNearlyExhausted", {"os_root": os_root_id(root), "unit": "usd"})
+
+
+def test_seccomp_violation_fires(world: World, stack: Stack) -> None:
+    root = world.os_root(
+        plan(
+            "seccomp",
+            [
+                step("s", py("import ctypes; ctypes.CDLL(None).syscall(1000)")),
+            ],
+        )
+    )
+    assert world.run(root).code == 1
+    check_exported(stack, root)
+    stack.wait_firing("HaiosSandboxViolations", {"os_root": os_root_id(root), "kind": "seccomp"})
+
+
+def test_busy_refusal_does_not_overwrite_the_running_group(world: World, stack: Stack) -> None:
+    root = world.os_root(plan("busy", [step("s", sh("sleep 4"), timeout_seconds=60)]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("VAULT_", "HAIOS_"))}
+    engine = subprocess.Popen(
+        ["python3", "-m", "haios", "run", str(root), "--policy", str(world.policy)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = root / "state.json"
+        if state.exists() and read_json(state)["status"] == "running":
+            break
+        time.sleep(0.05)
+    assert world.run(root).code == 7
+    oid = os_root_id(root)
+    group = next(g for g in pushed_groups(stack) if g["labels"].get("os_root") == oid)
+    busy = [
+        m for m in group["haios_rejections_total"]["metrics"] if m["labels"].get("reason") == "busy"
+    ]
+    assert busy and busy[0]["value"] == "0"
+    assert engine.wait(timeout=60) == 0
