@@ -7,18 +7,47 @@ include ``vault`` (contract section 12, read in docs/adr/0004-egress.md:
 "a profile whose network reaches VAULT_ADDR" is one whose egress allowlist
 names it), a denied environment name, or a timeout above the policy's
 ceiling.
+
+The policy is taken as `PolicyView`, the few fields a decision reads, so
+this package never imports the loader (`haios.load.policy` loads profiles
+through `haios.sandbox`); `haios.load.policy.Policy` satisfies it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Protocol
+
 from haios.egress.endpoints import VAULT
 from haios.errors import PolicyDeniedError
-from haios.load.policy import Policy
 from haios.models.plan import ExecPlan
-from haios.models.policy import env_name_denied
+from haios.models.policy import PolicyFile, env_name_denied
 
 
-def decide_plan(plan: ExecPlan, policy: Policy) -> None:
+class ProfileView(Protocol):
+    """What a decision reads of a sandbox profile."""
+
+    @property
+    def egress(self) -> tuple[str, ...]:
+        """The profile's egress allowlist (endpoint names)."""
+        ...
+
+
+class PolicyView(Protocol):
+    """What a decision reads of a loaded policy."""
+
+    @property
+    def file(self) -> PolicyFile:
+        """The validated `policy.toml`."""
+        ...
+
+    @property
+    def profiles(self) -> Mapping[str, ProfileView]:
+        """The policy's profiles by name."""
+        ...
+
+
+def decide_plan(plan: ExecPlan, policy: PolicyView) -> None:
     """Raise PolicyDeniedError for the first thing the policy does not allow."""
     denied_env = frozenset(policy.file.env.deny)
     limits = policy.file.limits

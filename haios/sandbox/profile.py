@@ -38,7 +38,7 @@ from haios._util.strict_json import printable
 from haios.egress.endpoints import ENDPOINTS_MAX, parse_endpoint
 from haios.errors import PolicyLoadError
 from haios.load.policy_folder import PolicyFolder
-from haios.sandbox import syscall_policy
+from haios.sandbox import seccomp, syscall_policy
 from haios.sandbox.spec import VIEW_COST_DIR, VIEW_SECRET_DIR, VIEW_WORKSPACE
 
 _log = logging.getLogger(__name__)
@@ -643,9 +643,6 @@ def load_profile_from(folder: PolicyFolder, name: str) -> Profile:
     Side Effects:
         Reads one file.
     """
-    # Imported here: the filter compiler depends on this module's models.
-    from haios.sandbox import seccomp
-
     if not PROFILE_NAME_RE.fullmatch(name):
         raise PolicyLoadError(f"profile name {name!r} does not match {PROFILE_NAME_RE.pattern}")
     shown = f"{PROFILES_DIR}/{name}.toml"

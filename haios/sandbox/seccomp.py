@@ -20,7 +20,7 @@ action, KILL_PROCESS. `compile_*` verifies that guard in the emitted program.
 Compilation uses libseccomp through pyseccomp and happens in the engine (no
 file I/O; the BPF is exported through a memfd). Programs are cached by
 profile digest. The child only calls seccomp(2) with the precompiled bytes
-(`load_programs`), which keeps its work to two system calls.
+(`haios.sandbox._child`), which keeps its work to two system calls.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ import os
 import struct
 import threading
 from types import ModuleType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from haios.errors import PolicyLoadError, SandboxSetupError
-from haios.sandbox import _libc, syscall_policy
-from haios.sandbox.profile import Profile
+from haios.sandbox import syscall_policy
+
+if TYPE_CHECKING:  # annotations only: the profile loader imports this module
+    from haios.sandbox.profile import Profile
 
 AUDIT_ARCH_X86_64: Final = 0xC000003E
 X32_SYSCALL_BIT: Final = 0x40000000
@@ -295,20 +297,3 @@ def profile_program(profile: Profile) -> SeccompProgram:
         _profile_cache[profile.digest] = (profile, program)
     return program
 
-
-def load_programs(programs: tuple[tuple[_libc.SockFprog, object], ...]) -> None:
-    """Install prepared programs in order (child side: one seccomp(2) each).
-
-    The floor must come first: the profile filter need not allow seccomp(2).
-
-    Args:
-        programs: (sock_fprog, keep-alive buffer) pairs from `_libc.make_fprog`.
-
-    Raises:
-        OSError: the kernel refused a program.
-
-    Side Effects:
-        Irreversibly filters the calling thread's system calls.
-    """
-    for program, _buffer in programs:
-        _libc.seccomp_set_filter(program)
