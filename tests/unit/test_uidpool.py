@@ -214,7 +214,7 @@ def test_lease_file_names_the_holder_for_operators(lease_dir: SafeDir) -> None:
         info = path.lstat()
         assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == 0
         assert path.read_text().startswith(f"pid {os.getpid()} leased ")
-    assert path.read_text() == ""
+    assert path.read_text() == "released\n"
 
 
 @pytest.mark.parametrize("timeout", [-1.0, float("nan"), float("inf")])
@@ -407,6 +407,29 @@ def test_a_killed_engine_uid_stays_out_while_its_step_lives(
     assert_exhausted(pool, 0.3)
     kill(step)
     with pool.lease(WAIT_SECONDS) as lease:
+        assert lease.uid == BASE
+
+
+def test_clean_release_skips_the_scan_a_dead_holder_does_not(
+    lease_dir: SafeDir, processes: list[subprocess.Popen[str]]
+) -> None:
+    """A holder writes `released` only after its tree ended: the next lease
+    of that uid trusts it. A holder that died leaves its note: scan again."""
+    pool = UidPool(lease_dir, BASE, 1)
+    with pool.lease(1.0):
+        pass
+    assert (dir_path(lease_dir) / str(BASE)).read_text() == "released\n"
+    # A process with the uid that appears after a clean release is not the
+    # holder's (the range is reserved for haios): the scan is skipped.
+    holder, ready = start(processes, HOLDER, "all", BASE)
+    assert ready == "ready"
+    with pool.lease(0) as lease:
+        assert lease.uid == BASE
+    # The note of a holder that died (no `released`) makes the next lease scan.
+    (dir_path(lease_dir) / str(BASE)).write_text("pid 1 leased 2026-01-01T00:00:00\n")
+    assert_exhausted(pool)
+    kill(holder)
+    with pool.lease(0) as lease:
         assert lease.uid == BASE
 
 
