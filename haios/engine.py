@@ -396,7 +396,6 @@ class Scheduler:
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for future in sorted(done, key=lambda f: self.order.index(running[f])):
                     self._finish(running.pop(future), future)
-        self.executor.close()
         self._close_out()
 
     def _admit(self, busy: int) -> list[tuple[str, Reservation]]:

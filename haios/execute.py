@@ -272,9 +272,6 @@ class StepExecutor:
         self._report_max = limits.cost_report_max_bytes
         self._depth = limits.json_max_depth
 
-    def close(self) -> None:
-        """Nothing outlives a step; kept for the scheduler's symmetry."""
-
     def execute(self, step: PlanStep, reservation: Reservation) -> StepResult:
         """Run one attempt of `step` and publish its outputs.
 
@@ -319,8 +316,7 @@ class StepExecutor:
             self._publish_cost(step, result)
             if result.status == "succeeded":
                 self._publish_products(step, result, confinement)
-            return result
-        raise AssertionError("unreachable")  # pragma: no cover
+        return result
 
     # -- before the step -----------------------------------------------------
 
@@ -346,9 +342,9 @@ class StepExecutor:
             forwarder = self._open_egress(step, profile, grant)
             if forwarder is not None:
                 network.enter_context(forwarder)
-            return self._run_confined(step, reservation, grant, uid, step_fs, captures, bounds,
-                                      forwarder)
-        raise AssertionError("unreachable")  # pragma: no cover
+            ran = self._run_confined(step, reservation, grant, uid, step_fs, captures, bounds,
+                                     forwarder)
+        return ran
 
     def _open_egress(self, step: PlanStep, profile: Profile,
                      grant: StepGrant) -> Forwarder | None:
