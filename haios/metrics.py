@@ -491,7 +491,7 @@ class MetricsRecorder:
             directory. On failure the temporary file is removed.
         """
         _check_replaceable(dir_fd, name)
-        _write_atomically(dir_fd, name, self.render())
+        write_atomically(dir_fd, name, self.render())
 
     # -- event handlers (each gets the event's fields) -----------------------
 
@@ -662,17 +662,26 @@ def _check_replaceable(dir_fd: int, name: str) -> None:
         raise PathError(msg)
 
 
-def _write_atomically(dir_fd: int, name: str, data: bytes) -> None:
-    """Temp file, write, fsync, rename over `name`, fsync the directory."""
+def write_atomically(dir_fd: int, name: str, data: bytes, *, mode: int = 0o600) -> None:
+    """Temp file, write, fsync, rename over `name`, fsync the directory.
+
+    The file gets exactly `mode`, whatever the umask. The temporary name
+    never ends in `.prom`, so a textfile collector never reads a partial file.
+
+    Raises:
+        PathError: a directory was planted at `name`.
+        EnvironmentUnavailableError: any other write, rename or sync failure.
+    """
     temp = f".{name}.{secrets.token_hex(8)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        fd = os.open(temp, flags, 0o600, dir_fd=dir_fd)
+        fd = os.open(temp, flags, mode, dir_fd=dir_fd)
     except OSError as e:
         msg = f"cannot create a temporary file for {name}: {e.strerror or type(e).__name__}"
         raise EnvironmentUnavailableError(msg) from e
     try:
         try:
+            os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]

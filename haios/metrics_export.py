@@ -34,7 +34,6 @@ import hashlib
 import logging
 import os
 import re
-import secrets
 import socket
 import stat
 import threading
@@ -45,7 +44,8 @@ from prometheus_client.exposition import delete_from_gateway, generate_latest, p
 from prometheus_client.metrics_core import Metric
 
 from haios import events
-from haios.errors import EnvironmentUnavailableError
+from haios.errors import EnvironmentUnavailableError, PathError
+from haios.metrics import write_atomically
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -257,7 +257,7 @@ class MetricsExporter:
                     self.file_name,
                     render_exported(self._registry, self.grouping_key),
                 )
-            except EnvironmentUnavailableError as exc:
+            except (EnvironmentUnavailableError, PathError) as exc:
                 _log.warning("metrics textfile not written: %s", exc)
 
     @property
@@ -294,6 +294,7 @@ def write_textfile(directory: str, name: str, data: bytes) -> None:
 
     Raises:
         EnvironmentUnavailableError: the directory is unsafe or a write failed.
+        PathError: a directory was planted at the file's name.
 
     Side Effects:
         Creates, renames and fsyncs files in `directory`.
@@ -314,31 +315,6 @@ def write_textfile(directory: str, name: str, data: bytes) -> None:
                 "by group or others"
             )
             raise EnvironmentUnavailableError(msg)
-        _replace(dir_fd, name, data)
+        write_atomically(dir_fd, name, data, mode=TEXTFILE_MODE)
     finally:
         os.close(dir_fd)
-
-
-def _replace(dir_fd: int, name: str, data: bytes) -> None:
-    # node_exporter reads only *.prom: the temporary name must not end in it.
-    temp = f".{name}.{secrets.token_hex(8)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(temp, flags, TEXTFILE_MODE, dir_fd=dir_fd)
-        try:
-            os.fchmod(fd, TEXTFILE_MODE)  # the umask must not narrow what node_exporter reads
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)
-    except OSError as exc:
-        try:
-            os.unlink(temp, dir_fd=dir_fd)
-        except OSError as cleanup:
-            _log.debug("temporary metrics file not removed: %s", cleanup.strerror)
-        msg = f"metrics textfile {name}: {exc.strerror or type(exc).__name__}"
-        raise EnvironmentUnavailableError(msg) from exc
