@@ -44,6 +44,31 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+#: Python run inside egress probes (after a `results = {}`): `attempt`
+#: records each action's result, errno or "timeout" and how long it took;
+#: `udp` sends one datagram and waits a second for an answer. Each test
+#: file adds the `tcp` it needs.
+PROBE_NET = r"""
+import socket, ssl, time, urllib.error, urllib.request
+def attempt(name, action):
+    start = time.monotonic()
+    try:
+        results[name] = action()
+    except socket.timeout:
+        results[name] = "timeout"
+    except OSError as exc:
+        if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, OSError):
+            exc = exc.reason
+        results[name] = exc.errno if exc.errno is not None else repr(exc)
+    results[name + "_seconds"] = time.monotonic() - start
+def udp(host, port):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(1)
+        sock.connect((host, port))
+        sock.send(b"udp-escape")
+        return sock.recv(100).decode()
+"""
+
 _networks = itertools.count((os.getpid() * 7) % 200)
 
 

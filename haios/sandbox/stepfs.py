@@ -145,7 +145,8 @@ class StepMounts:
                 if fd >= 0:
                     os.close(fd)
             raise
-        return clones[0], clones[1], clones[2] if len(clones) > 2 else -1
+        work, cost, secret = clones
+        return work, cost, secret
 
     def close(self) -> None:
         """Close every filesystem (idempotent)."""

@@ -30,7 +30,14 @@ from haios.egress.limits import ForwardLimits
 from haios.sandbox.launcher import Launcher
 from haios.sandbox.runner import NamespaceRunner
 from haios.sandbox.spec import EgressRoute
-from tests.egress_support import HttpsServer, OtherHost, Recorder, TestCA, UdpRecorder
+from tests.egress_support import (
+    PROBE_NET,
+    HttpsServer,
+    OtherHost,
+    Recorder,
+    TestCA,
+    UdpRecorder,
+)
 from tests.sandbox_helpers import PRELUDE, ProbeRun, make_spec, run_spec, workspace_path
 
 LIMITS = ForwardLimits(connections_max=4, connections_total_max=64, bytes_max=1 << 20,
@@ -40,19 +47,7 @@ FAST_SECONDS = 1.0
 
 #: helpers run inside the probe: each attempt records its errno (0: worked)
 #: and how long it took
-NET = r"""
-import socket, ssl, time, urllib.error, urllib.request
-def attempt(name, action):
-    start = time.monotonic()
-    try:
-        results[name] = action()
-    except socket.timeout:
-        results[name] = "timeout"
-    except OSError as exc:
-        if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, OSError):
-            exc = exc.reason
-        results[name] = exc.errno if exc.errno is not None else repr(exc)
-    results[name + "_seconds"] = time.monotonic() - start
+NET = PROBE_NET + r"""
 def tcp(host, port, payload=b"escape"):
     with socket.create_connection((host, port), timeout=5) as conn:
         conn.sendall(payload)
@@ -63,12 +58,6 @@ def tcp(host, port, payload=b"escape"):
             if not chunk:
                 return data.decode(errors="replace")
             data += chunk
-def udp(host, port):
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(1)
-        sock.connect((host, port))
-        sock.send(b"udp-escape")
-        return sock.recv(100).decode()
 """
 
 

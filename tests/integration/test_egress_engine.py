@@ -25,35 +25,23 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.adversarial.helpers import traces
-from tests.egress_support import HttpsServer, OtherHost, Recorder, TestCA, UdpRecorder
+from tests.egress_support import (
+    PROBE_NET,
+    HttpsServer,
+    OtherHost,
+    Recorder,
+    TestCA,
+    UdpRecorder,
+)
 from tests.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
 from tests.world import PROFILES, World, plan, py, read_json, step
 
 #: probe helpers: each attempt records its errno (0/None: worked) and its duration
-NET = r"""
-import errno, json, os, socket, ssl, time, urllib.error, urllib.request
-results = {}
-def attempt(name, action):
-    start = time.monotonic()
-    try:
-        results[name] = action()
-    except socket.timeout:
-        results[name] = "timeout"
-    except OSError as exc:
-        if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, OSError):
-            exc = exc.reason
-        results[name] = exc.errno if exc.errno is not None else repr(exc)
-    results[name + "_seconds"] = time.monotonic() - start
+NET = "import errno, json, os\nresults = {}\n" + PROBE_NET + r"""
 def tcp(host, port):
     with socket.create_connection((host, port), timeout=5) as conn:
         conn.sendall(b"escape")
         return conn.recv(100).decode()
-def udp(host, port):
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(1)
-        sock.connect((host, port))
-        sock.send(b"udp-escape")
-        return sock.recv(100).decode()
 """
 ECONNREFUSED, ENETUNREACH = 111, 101
 FAST_SECONDS = 1.0
