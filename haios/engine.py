@@ -84,6 +84,8 @@ class Services:
     tree_tracker: Callable[[], TreeTracker] | None = None
     #: called with the os_root descriptor as the run ends, lock still held
     finish: Callable[[SafeDir], None] | None = None
+    #: the wall clock (verification's "now", step and state timestamps)
+    clock: Callable[[], dt.datetime] = wall_clock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +128,10 @@ class StateKeeper:
     def __init__(self, osr: OsRoot, signer: EngineSigner, plan: ExecPlan, plan_sha256: str,
                  prior: RunState | None, bus: ev.EventBus,
                  audit_head: Callable[[], dict[str, Any] | None],
-                 written: Callable[[], None]) -> None:
+                 written: Callable[[], None],
+                 clock: Callable[[], dt.datetime] = wall_clock) -> None:
         self.osr, self.signer, self.bus = osr, signer, bus
+        self.clock = clock
         self.plan_id, self.plan_sha256 = plan.plan_id, plan_sha256
         self.seq = prior.seq if prior else 0
         self.status: PlanStatus = "pending"
@@ -159,7 +163,7 @@ class StateKeeper:
         """Publish the state atomically with a fresh engine signature; return it."""
         with self.lock:
             self.seq += 1
-            document = write_signed(self.osr.root, STATE_FILE, self.document(wall_clock()),
+            document = write_signed(self.osr.root, STATE_FILE, self.document(self.clock()),
                                     self.signer)
             if self._first:  # the audit log is now covered by a signed state
                 self._written()
@@ -221,7 +225,7 @@ def _locked_run(osr: OsRoot, area: RunArea, policy: Policy, jobs: int, services:
         bus.publish(ev.KILL_SWITCH, engaged=True, flag=Path(flag).name, scope="global")
         raise KilledError(f"kill switch {flag} is set; refusing to start")
     signer, key_error = _load_signer(policy)
-    now = wall_clock()
+    now = services.clock()
     # (3) Verify: plan signature over the bytes read, schema, expiry, policy,
     #     history (no replay), engine outputs, inputs three ways (exit 3).
     raw: bytes | None = None
@@ -274,7 +278,7 @@ def _execute(osr: OsRoot, area: RunArea, policy: Policy, plan: ExecPlan, plan_sh
              bus: ev.EventBus, history: History) -> RunOutcome:
     order = topological_order({s.id: tuple(s.needs) for s in plan.steps})
     keeper = StateKeeper(osr, signer, plan, plan_sha256, prior, bus, history.head,
-                         history.state_written)
+                         history.state_written, services.clock)
     ledger = BudgetLedger(plan.budget, prior.cost.totals if prior else CostTotals())
     bus.publish(ev.RUN_STARTED, plan_id=plan.plan_id, plan_sha256=plan_sha256, jobs=jobs,
                 steps=len(plan.steps),
@@ -303,7 +307,7 @@ def _execute(osr: OsRoot, area: RunArea, policy: Policy, plan: ExecPlan, plan_sh
             osr, policy, plan, signer, runner, guard, bus, store,
             uids=(services.uid_source(policy, uid_dir) if services.uid_source is not None
                   else _pool(policy, uid_dir)),
-            now=wall_clock, digests={name: item.sha256 for name, item in known.items()},
+            now=services.clock, digests={name: item.sha256 for name, item in known.items()},
             bounds=(services.bounds_factory(policy, plan_sha256[:12])
                     if services.bounds_factory is not None else None),
             trees=trees)
@@ -407,7 +411,7 @@ class Scheduler:
             reservation = self.ledger.reserve(self.jobs - busy - len(admitted))
             entry = self.keeper.steps[step_id]
             entry.update(status="running", attempts=entry["attempts"] + 1,
-                         started=format_rfc3339(wall_clock()), finished=None, reason=None)
+                         started=format_rfc3339(self.ctx.now()), finished=None, reason=None)
             admitted.append((step_id, reservation))
         return admitted
 
@@ -482,7 +486,7 @@ class Scheduler:
         environment broke (sandbox setup, Vault, watchdog)."""
         killed = isinstance(exc, KilledError)
         status: StepStatus = "killed" if killed else "failed"
-        self.keeper.steps[step_id].update(status=status, finished=format_rfc3339(wall_clock()),
+        self.keeper.steps[step_id].update(status=status, finished=format_rfc3339(self.ctx.now()),
                                           reason=str(exc))
         self.ctx.bus.publish(ev.STEP_FINISHED, step_id=step_id, status=status, exit_code=None,
                              profile=self.ctx.plan.step(step_id).profile, wall_seconds=0.0,
