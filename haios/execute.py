@@ -59,8 +59,8 @@ from haios.load.policy import Policy
 from haios.models.common import format_rfc3339
 from haios.models.cost import COST_SCHEMA, CostRecord, CostReport, Measured, Reported
 from haios.models.plan import ExecPlan, PlanStep
-from haios.models.state import StepStatus
 from haios.osroot import OsRoot
+from haios.run.steps import EndStatus
 from haios.sandbox.evidence import confinement_record
 from haios.sandbox.profile import Profile
 from haios.sandbox.spec import (
@@ -104,6 +104,10 @@ class StepGuard(Protocol):
         """An error that must stop the whole run (e.g. the watchdog died), or None."""
         ...
 
+    def unrevoked(self) -> frozenset[str]:
+        """Accessors of tokens whose revocation failed (kept in state for a retry)."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True)
 class StepGrant:
@@ -118,6 +122,25 @@ class StepGrant:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     accessor: str | None = None
     egress: tuple[EgressRoute, ...] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GuardRequest:
+    """What the guard factory needs to watch and scope one run."""
+
+    osr: OsRoot
+    policy: Policy
+    plan: ExecPlan
+    bus: ev.EventBus
+    run_id: str
+    #: where the watchdog journals kills (inside the engine's run area)
+    journal_path: Path
+    #: Vault accessors a previous run recorded as not yet revoked
+    leftover_accessors: tuple[str, ...] = ()
+    #: durably records a token accessor in state before the token is handed out
+    record_accessor: Callable[[str, str], None] | None = None
+    #: durably records (True) or forgets (False) a run session's accessor
+    record_session: Callable[[str, bool], None] | None = None
 
 
 class NoGuard:
@@ -138,13 +161,17 @@ class NoGuard:
         """Never fails."""
         return None
 
+    def unrevoked(self) -> frozenset[str]:
+        """Never issues a token."""
+        return frozenset()
+
 
 @dataclasses.dataclass(frozen=True)
 class StepResult:
     """How one attempt ended, with what it produced and cost."""
 
     step_id: str
-    status: StepStatus
+    status: EndStatus
     exit_code: int | None
     reason: str | None
     started: str
@@ -156,9 +183,6 @@ class StepResult:
     usd: float | int
     tokens: float | int
     budget_cut: bool = False
-    killed_by: str | None = None
-    violation: str | None = None
-    accessor: str | None = None
     #: the uid the attempt ran as (leased for it alone; in the audit log)
     uid: int | None = None
 
@@ -310,7 +334,7 @@ class StepExecutor:
             killed_by = ctx.guard.was_killed(step.id)
             result = dataclasses.replace(
                 self._judge(step, reservation, outcome, started, finished, killed_by,
-                            step_fs.workspace.dir, step_fs.cost.dir, grant.accessor),
+                            step_fs.workspace.dir, step_fs.cost.dir),
                 uid=uid)
             self._publish_logs(step.id, captures)
             self._publish_cost(step, result)
@@ -441,8 +465,8 @@ class StepExecutor:
 
     def _judge(self, step: PlanStep, reservation: Reservation, outcome: StepOutcome,
                started: str, finished: str, killed_by: str | None, work: SafeDir,
-               cost_dir: SafeDir, accessor: str | None) -> StepResult:
-        status: StepStatus = "succeeded"
+               cost_dir: SafeDir) -> StepResult:
+        status: EndStatus = "succeeded"
         reason: str | None = None
         budget_cut = False
         products: dict[str, tuple[str, int]] = {}
@@ -480,8 +504,7 @@ class StepExecutor:
             started=started, finished=finished, products=products,
             cpu_seconds=outcome.cpu_seconds, wall_seconds=outcome.wall_seconds,
             max_rss_bytes=outcome.max_rss_bytes, usd=report.usd, tokens=report.tokens,
-            budget_cut=budget_cut, killed_by=killed_by, violation=outcome.violation,
-            accessor=accessor,
+            budget_cut=budget_cut,
         )
 
     def _read_cost_report(self, cost_dir: SafeDir) -> CostReport:

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from haios import events as ev
-from haios.engine import GuardRequest
 from haios.errors import HaiosError, KilledError, VaultUnavailableError, WatchdogLostError
-from haios.execute import StepGrant
+from haios.execute import GuardRequest, StepGrant
 from haios.load.policy import Policy
 from haios.models.plan import ExecPlan, PlanStep
 from haios.sandbox.spec import VIEW_TOKEN_FILE, EgressRoute
@@ -265,6 +264,11 @@ class RunGuard:
         if flag is not None:
             return _flag_name(flag)
         return f"KILL.{step_id}" if step_flag_present(control, step_id) else None
+
+    def unrevoked(self) -> frozenset[str]:
+        """Accessors whose revocation failed so far (retried at close)."""
+        with self._lock:
+            return frozenset(self.leftovers)
 
     def revoke_leftovers(self, accessors: tuple[str, ...]) -> None:
         """Revoke tokens a previous (crashed) run recorded as not yet revoked."""

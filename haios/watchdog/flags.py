@@ -123,6 +123,29 @@ def global_flag_present(control_dir: Path, extra_paths: Sequence[Path]) -> str |
     return None
 
 
+def engaged_flag(control_dir: Path, extra_paths: Sequence[Path],
+                 step_id: str | None = None) -> str | None:
+    """The one kill-flag reader: the flag that stops a run or one step, if any.
+
+    Global flags are checked first (they outrank a step's flag), then, when
+    `step_id` is given, that step's `KILL.<step_id>`.
+
+    Returns:
+        The set flag as `flag_state` describes it (its path), or None.
+
+    Raises:
+        PolicyLoadError: an extra path is not absolute.
+        InputError: `step_id` is not a valid step id.
+
+    Side Effects:
+        lstat calls only.
+    """
+    flag = global_flag_present(control_dir, extra_paths)
+    if flag is not None or step_id is None:
+        return flag
+    return flag_state(control_dir / step_flag_name(step_id))
+
+
 def step_flag_present(control_dir: Path, step_id: str) -> bool:
     """Return True when `<control_dir>/KILL.<step_id>` is set.
 

@@ -1,0 +1,95 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The run's state document (`state.json`): held in memory, published signed.
+
+Every `commit` raises `seq`, validates the whole document against the
+model, signs it and publishes it atomically (haios/state/store.py), so a
+reader sees either the previous signed state or this one. The first commit
+also tells the history that the audit log is now covered by a signed state.
+Accessors are committed before the caller may use their token.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from haios.models.common import format_rfc3339
+from haios.models.plan import ExecPlan
+from haios.models.state import STATE_SCHEMA, CostTotals, PlanStatus, RunState
+from haios.osroot import STATE_FILE, OsRoot
+from haios.run.steps import StepRecord
+from haios.signing import EngineSigner
+from haios.state.store import write_signed
+
+
+class StateKeeper:
+    """The run's mutable view of state.json; every `commit` is atomic and signed."""
+
+    def __init__(self, osr: OsRoot, signer: EngineSigner, plan: ExecPlan, plan_sha256: str,
+                 prior: RunState | None, *,
+                 audit_head: Callable[[], dict[str, Any] | None],
+                 written: Callable[[], None],
+                 clock: Callable[[], dt.datetime]) -> None:
+        self.osr, self.signer, self.clock = osr, signer, clock
+        self.plan_id, self.plan_sha256 = plan.plan_id, plan_sha256
+        self.seq = prior.seq if prior else 0
+        self.status: PlanStatus = "pending"
+        self.reason: str | None = None
+        self.steps: dict[str, StepRecord] = {
+            step.id: StepRecord.from_state(step.id, prior.steps.get(step.id) if prior else None)
+            for step in plan.steps
+        }
+        self.totals = prior.cost.totals if prior else CostTotals()
+        self.sessions: list[str] = list(prior.vault_sessions) if prior else []
+        self._audit_head = audit_head
+        self._written = written
+        self._first = True
+        self.lock = threading.RLock()
+
+    def succeeded(self) -> int:
+        """How many steps have succeeded (in this run or an earlier one)."""
+        return sum(1 for record in self.steps.values() if record.status == "succeeded")
+
+    def outstanding_accessors(self) -> tuple[str, ...]:
+        """Accessors recorded and not known revoked: sessions first, then steps."""
+        return (*self.sessions,
+                *(a for record in self.steps.values() for a in record.token_accessors))
+
+    def document(self, now: dt.datetime) -> RunState:
+        """The current state as a model (validated)."""
+        return RunState.model_validate({
+            "schema": STATE_SCHEMA, "plan_id": self.plan_id, "plan_sha256": self.plan_sha256,
+            "status": self.status, "reason": self.reason,
+            "steps": {step_id: record.to_json() for step_id, record in self.steps.items()},
+            "cost": {"totals": self.totals.model_dump(mode="json")},
+            "updated": format_rfc3339(now), "seq": self.seq,
+            "audit": self._audit_head(), "vault_sessions": self.sessions,
+        })
+
+    def commit(self) -> dict[str, Any]:
+        """Publish the state atomically with a fresh engine signature; return it."""
+        with self.lock:
+            self.seq += 1
+            document = write_signed(self.osr.root, STATE_FILE, self.document(self.clock()),
+                                    self.signer)
+            if self._first:  # the audit log is now covered by a signed state
+                self._written()
+                self._first = False
+            return document
+
+    def record_session(self, accessor: str, live: bool) -> None:
+        """Durably note (or forget, once revoked) a run session's Vault accessor."""
+        with self.lock:
+            if live:
+                self.sessions.append(accessor)
+            elif accessor in self.sessions:
+                self.sessions.remove(accessor)
+            self.commit()
+
+    def record_accessor(self, step_id: str, accessor: str) -> None:
+        """Durably note a Vault accessor before its token can be used (worker thread)."""
+        with self.lock:
+            self.steps[step_id].add_accessor(accessor)
+            self.commit()
