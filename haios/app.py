@@ -18,13 +18,13 @@ from typing import Any
 
 from haios import events as ev
 from haios._util.safedir import SafeDir
-from haios.engine import GuardRequest, Services, run_plan
+from haios.engine import Services, run_plan
 from haios.errors import HaiosError
-from haios.execute import StepBounds, StepGuard, TreeTracker
+from haios.execute import StepBounds, TreeTracker
 from haios.load.policy import Policy, load_policy, resolve_policy_dir
-from haios.models.plan import ExecPlan, PlanStep
+from haios.models.plan import PlanStep
 from haios.osroot import METRICS_FILE, STATE_FILE, OsRoot
-from haios.sandbox.spec import StepOutcome, StepRunner, StepSpec
+from haios.sandbox.spec import StepOutcome, StepSpec
 
 
 class _LauncherRunner:
@@ -34,7 +34,8 @@ class _LauncherRunner:
     fresh, small interpreter, so launch cost does not grow with the engine.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, policy: Policy) -> None:
+        # Profiles travel with each step's spec; the launcher needs no policy.
         from haios.sandbox.launcher import Launcher
         from haios.sandbox.runner import NamespaceRunner
 
@@ -49,22 +50,6 @@ class _LauncherRunner:
     def close(self) -> None:
         """Stop the launcher."""
         self.launcher.close()
-
-
-def _runner(policy: Policy) -> StepRunner:
-    return _LauncherRunner()
-
-
-def _guard(request: GuardRequest) -> StepGuard:
-    from haios.guard import make_guard
-
-    return make_guard(request)
-
-
-def _preflight(policy: Policy, plan: ExecPlan) -> None:
-    from haios.guard import preflight
-
-    preflight(policy, plan)
 
 
 def _bounds(policy: Policy, run_id: str) -> Callable[[PlanStep, Path | None], StepBounds]:
@@ -87,7 +72,10 @@ def _trees() -> TreeTracker:
 def default_services() -> Services:
     """The production parts: namespace sandbox, watchdog + Vault guard, uid pool,
     tree-wide limits and SIGSYS watch (imported lazily)."""
-    return Services(runner_factory=_runner, guard_factory=_guard, preflight=_preflight,
+    from haios.guard.preflight import preflight
+    from haios.guard.run_guard import make_guard
+
+    return Services(runner_factory=_LauncherRunner, guard_factory=make_guard, preflight=preflight,
                     bounds_factory=_bounds, tree_tracker=_trees)
 
 

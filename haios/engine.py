@@ -50,14 +50,8 @@ from haios.errors import (
     HaiosError,
     KilledError,
 )
-from haios.execute import (
-    GuardRequest,
-    RunContext,
-    StepBounds,
-    StepGuard,
-    TreeTracker,
-    UidSource,
-)
+from haios.execute import RunContext, StepBounds, TreeTracker, UidSource
+from haios.guard.api import GuardRequest, StepGuard
 from haios.history import History
 from haios.intake import read_plan_bytes
 from haios.journal_ingest import ingest_watchdog_journal
@@ -141,7 +135,7 @@ def _locked_run(osr: OsRoot, area: RunArea, policy: Policy, jobs: int, services:
     #     before anything else sees it; kills the watchdog did while no
     #     engine was alive are ingested.
     osr.sweep_temp_files()
-    history = History.open(osr, area, policy, bus)
+    history = History.open(osr, area, policy, bus, services.clock)
     for subscriber in services.subscribers:
         bus.subscribe(subscriber)
     ingest_watchdog_journal(area, bus)

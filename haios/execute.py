@@ -53,6 +53,7 @@ from haios.errors import (
     SandboxSetupError,
     StepFailedError,
 )
+from haios.guard.api import StepGrant, StepGuard
 from haios.intake import copy_into
 from haios.load.parse import parse_model
 from haios.load.policy import Policy
@@ -66,7 +67,6 @@ from haios.sandbox.profile import Profile
 from haios.sandbox.spec import (
     VIEW_COST_REPORT,
     VIEW_WORKSPACE,
-    EgressRoute,
     StepOutcome,
     StepRunner,
     StepSpec,
@@ -79,91 +79,6 @@ STEP_PATH = "/usr/bin:/bin"
 UID_LEASE_TIMEOUT_SECONDS = 30.0
 #: the tree's exit events are queued before the init's exit is visible
 TREE_SETTLE_SECONDS = 5.0
-
-
-class StepGuard(Protocol):
-    """Kill-switch and secret hooks around one step (watchdog, Vault)."""
-
-    def before(self, step: PlanStep, uid: int, gid: int, secret_fd: int | None) -> StepGrant:
-        """Prepare external resources for the step; raise a HaiosError to refuse.
-
-        `secret_fd` is the root of the step's secret filesystem (a Vault
-        scope's token goes there), or None when the step has no scope.
-        """
-        ...
-
-    def after(self, step: PlanStep, grant: StepGrant) -> None:
-        """Release what `before` set up, whatever the outcome."""
-        ...
-
-    def was_killed(self, step_id: str) -> str | None:
-        """The kill flag that stopped the step, or None."""
-        ...
-
-    def failure(self) -> HaiosError | None:
-        """An error that must stop the whole run (e.g. the watchdog died), or None."""
-        ...
-
-    def unrevoked(self) -> frozenset[str]:
-        """Accessors of tokens whose revocation failed (kept in state for a retry)."""
-        ...
-
-
-@dataclasses.dataclass(frozen=True)
-class StepGrant:
-    """What `StepGuard.before` set up for one step.
-
-    `egress` holds the routes of the step's profile as resolved at run start
-    (haios/egress/resolve.py), or None when the guard resolved none; a
-    profile that names endpoints needs them.
-    """
-
-    cgroup: str | None = None
-    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
-    accessor: str | None = None
-    egress: tuple[EgressRoute, ...] | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class GuardRequest:
-    """What the guard factory needs to watch and scope one run."""
-
-    osr: OsRoot
-    policy: Policy
-    plan: ExecPlan
-    bus: ev.EventBus
-    run_id: str
-    #: where the watchdog journals kills (inside the engine's run area)
-    journal_path: Path
-    #: Vault accessors a previous run recorded as not yet revoked
-    leftover_accessors: tuple[str, ...] = ()
-    #: durably records a token accessor in state before the token is handed out
-    record_accessor: Callable[[str, str], None] | None = None
-    #: durably records (True) or forgets (False) a run session's accessor
-    record_session: Callable[[str, bool], None] | None = None
-
-
-class NoGuard:
-    """A guard for runs with no watchdog and no Vault (unit tests of the executor)."""
-
-    def before(self, step: PlanStep, uid: int, gid: int, secret_fd: int | None) -> StepGrant:
-        """Nothing to prepare."""
-        return StepGrant()
-
-    def after(self, step: PlanStep, grant: StepGrant) -> None:
-        """Nothing to release."""
-
-    def was_killed(self, step_id: str) -> str | None:
-        """Never killed."""
-        return None
-
-    def failure(self) -> HaiosError | None:
-        """Never fails."""
-        return None
-
-    def unrevoked(self) -> frozenset[str]:
-        """Never issues a token."""
-        return frozenset()
 
 
 @dataclasses.dataclass(frozen=True)

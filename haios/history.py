@@ -12,8 +12,10 @@ audit log always. Does I/O on os_root.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from haios import events as ev
@@ -49,12 +51,15 @@ class History:
     """The prior state of one os_root and its audit log."""
 
     def __init__(self, osr: OsRoot, area: RunArea, policy: Policy, bus: ev.EventBus,
-                 prior: RunState | None, error: HaiosError | None, audit: Any) -> None:
+                 prior: RunState | None, error: HaiosError | None, audit: Any,
+                 clock: Callable[[], dt.datetime] = wall_clock) -> None:
         self.osr, self.area, self.policy, self.bus = osr, area, policy, bus
         self.state, self.error, self.audit = prior, error, audit
+        self.clock = clock
 
     @classmethod
-    def open(cls, osr: OsRoot, area: RunArea, policy: Policy, bus: ev.EventBus) -> History:
+    def open(cls, osr: OsRoot, area: RunArea, policy: Policy, bus: ev.EventBus,
+             clock: Callable[[], dt.datetime] = wall_clock) -> History:
         """Read state.json and open the audit log; errors surface in `prior_for`.
 
         An audit log without a signed state is tampering (exit 3), unless the
@@ -80,7 +85,7 @@ class History:
                 area.mark_unsigned_audit()  # before the log exists: a crash leaves it ours
             signed = None if prior is None or prior.audit is None else AuditHead(
                 prior.audit.sha256, prior.audit.records)
-            audit = AuditLog.open(osr.root.fd, AUDIT_FILE, signed_head=signed)
+            audit = AuditLog.open(osr.root.fd, AUDIT_FILE, signed_head=signed, clock=clock)
         except HaiosError as exc:
             error = exc if exc.exit_code == 3 else TamperedError(str(exc))
         if prior is None and preexisting is not None and error is None:
@@ -89,7 +94,7 @@ class History:
             bus.subscribe(audit.subscriber)
             if leftover is not None:
                 bus.publish(ev.AUDIT_LEFTOVER, records=leftover[0], sha256=leftover[1])
-        return cls(osr, area, policy, bus, prior, error, audit)
+        return cls(osr, area, policy, bus, prior, error, audit, clock)
 
     def state_written(self) -> None:
         """A signed state now pins the audit head: the log is no longer a leftover."""
@@ -145,7 +150,7 @@ class History:
             "status": "rejected",
             "reason": message[:4000],
             "steps": {step_id: {} for step_id in steps},
-            "updated": format_rfc3339(wall_clock()),
+            "updated": format_rfc3339(self.clock()),
             "seq": (self.state.seq if self.state else 0) + 1,
             "audit": self.head(),
         })

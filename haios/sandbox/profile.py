@@ -39,7 +39,7 @@ from haios.egress.endpoints import ENDPOINTS_MAX, parse_endpoint
 from haios.errors import PolicyLoadError
 from haios.load.policy_folder import PolicyFolder
 from haios.sandbox import seccomp, syscall_policy
-from haios.sandbox.spec import VIEW_COST_DIR, VIEW_SECRET_DIR, VIEW_WORKSPACE
+from haios.sandbox.view import VIEW_COST_DIR, VIEW_SECRET_DIR, VIEW_WORKSPACE
 
 _log = logging.getLogger(__name__)
 

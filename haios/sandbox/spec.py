@@ -7,8 +7,8 @@ the value types and the protocol: no I/O.
 
 No host path crosses this seam: the step's writable filesystems and its
 output captures are descriptors. Paths inside the step's view are fixed
-here so the engine can compute the environment before the runner builds
-the view:
+(in `haios/sandbox/view.py`, re-exported here) so the engine can compute
+the environment before the runner builds the view:
 
 - the workspace (read-write, HOME and cwd): `VIEW_WORKSPACE`
 - the cost report directory (read-write):   `VIEW_COST_DIR`
@@ -27,15 +27,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+# The fixed paths of the step's view live apart (haios/sandbox/view.py) so
+# the profile loader can name them without importing this seam.
+from haios.sandbox.view import VIEW_COST_DIR as VIEW_COST_DIR
+from haios.sandbox.view import VIEW_COST_REPORT as VIEW_COST_REPORT
+from haios.sandbox.view import VIEW_SECRET_DIR as VIEW_SECRET_DIR
+from haios.sandbox.view import VIEW_TOKEN_FILE as VIEW_TOKEN_FILE
+from haios.sandbox.view import VIEW_WORKSPACE as VIEW_WORKSPACE
+
 if TYPE_CHECKING:
     from haios.sandbox.profile import Profile
     from haios.sandbox.stepfs import StepMounts
 
-VIEW_WORKSPACE = "/haios/work"
-VIEW_COST_DIR = "/haios/cost"
-VIEW_COST_REPORT = "/haios/cost/report.json"
-VIEW_SECRET_DIR = "/haios/secret"
-VIEW_TOKEN_FILE = "/haios/secret/token"
 
 
 @dataclasses.dataclass(frozen=True)

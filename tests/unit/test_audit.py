@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from haios import audit
 from haios.audit import (
     AUDIT_FILE_NAME,
     GENESIS_HEAD,
@@ -33,6 +32,8 @@ from haios.audit import (
     verify_audit_against_head,
     verify_audit_bytes,
 )
+from haios.audit import chain as audit
+from haios.audit import log as audit_log
 from haios.errors import EnvironmentUnavailableError, InternalError, PathError, TamperedError
 from haios.events import STEP_STARTED, VAULT_TOKEN_ISSUED, EventBus
 
@@ -340,7 +341,7 @@ def test_fsync_failure_refuses_every_later_append(
 def test_append_refuses_to_grow_past_the_cap(
     log: AuditLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(audit, "AUDIT_MAX_BYTES", 400)
+    monkeypatch.setattr(audit_log, "AUDIT_MAX_BYTES", 400)
     log.append("a", {})
 
     def fill() -> None:

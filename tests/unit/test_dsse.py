@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from haios.errors import DigestError, InputError, SignatureError, ThresholdError
-from haios.verify.dsse import verify_detached, verify_envelope
+from haios.verify.dsse import VerifiedStatement, verify_detached, verify_envelope
 from tests.keys import KeyFile, b64, envelope, role, sign_bytes, statement
 
 DATA = b"a,b\n1,2\n"
@@ -26,19 +26,43 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, KeyFile]:
 
 
 def _detached(data: bytes, trusted: list[KeyFile], threshold: int = 1, name: str = "data.csv",
-              sha: str = SHA) -> object:
+              sha: str = SHA) -> VerifiedStatement:
     return verify_detached(data, role("functionary", trusted, threshold), name=name, sha256=sha,
                            max_depth=32)
 
 
+def _assert_verified(verified: VerifiedStatement, signers: list[KeyFile]) -> None:
+    """The statement binds data.csv to its digest; exactly `signers` counted."""
+    subject = verified.statement.subject[0]
+    assert (len(verified.statement.subject), subject.name, subject.digest.sha256) == (
+        1, "data.csv", SHA)
+    assert verified.signers == frozenset(k.keyid for k in signers)
+
+
 def test_valid_signature_returns_statement_and_signers(keys: dict[str, KeyFile]) -> None:
     verified = _detached(sign_bytes("data.csv", DATA, [keys["k1"]]), [keys["k1"]])
-    assert verified.statement.subject[0].name == "data.csv"  # type: ignore[attr-defined]
-    assert verified.signers == {keys["k1"].keyid}  # type: ignore[attr-defined]
+    _assert_verified(verified, [keys["k1"]])
+    assert isinstance(verified.signers, frozenset)
 
 
 def test_ecdsa_p256_is_supported(keys: dict[str, KeyFile]) -> None:
-    _detached(sign_bytes("data.csv", DATA, [keys["ec"]]), [keys["ec"]])
+    verified = _detached(sign_bytes("data.csv", DATA, [keys["ec"]]), [keys["ec"]])
+    _assert_verified(verified, [keys["ec"]])
+
+
+def test_envelope_returns_the_exact_payload_and_signers(keys: dict[str, KeyFile]) -> None:
+    payload = json.dumps(statement("data.csv", SHA)).encode()
+    data = json.dumps(envelope(payload, [keys["k1"], keys["k2"]])).encode()
+    verified = verify_envelope(data, role("planner", [keys["k1"], keys["k2"], keys["k3"]], 2),
+                               label="x.sig", max_depth=32)
+    assert verified.payload == payload
+    assert verified.signers == frozenset({keys["k1"].keyid, keys["k2"].keyid})
+
+
+def test_untrusted_signature_beside_a_trusted_one_is_ignored(keys: dict[str, KeyFile]) -> None:
+    verified = _detached(sign_bytes("data.csv", DATA, [keys["other"], keys["k1"]]),
+                         [keys["k1"], keys["k2"]])
+    _assert_verified(verified, [keys["k1"]])
 
 
 def test_untrusted_key_is_refused(keys: dict[str, KeyFile]) -> None:
@@ -52,8 +76,9 @@ def test_below_threshold_is_refused(keys: dict[str, KeyFile]) -> None:
 
 
 def test_threshold_of_distinct_keys_passes(keys: dict[str, KeyFile]) -> None:
-    _detached(sign_bytes("data.csv", DATA, [keys["k1"], keys["k2"]]),
-              [keys["k1"], keys["k2"], keys["k3"]], 2)
+    verified = _detached(sign_bytes("data.csv", DATA, [keys["k1"], keys["k2"]]),
+                         [keys["k1"], keys["k2"], keys["k3"]], 2)
+    _assert_verified(verified, [keys["k1"], keys["k2"]])
 
 
 def test_same_signature_twice_does_not_pad_a_threshold(keys: dict[str, KeyFile]) -> None:
@@ -61,6 +86,8 @@ def test_same_signature_twice_does_not_pad_a_threshold(keys: dict[str, KeyFile])
     env["signatures"].append(dict(env["signatures"][0]))
     with pytest.raises(ThresholdError):
         _detached(json.dumps(env).encode(), [keys["k1"], keys["k2"]], 2)
+    # Below the threshold it verifies, counting the key once.
+    _assert_verified(_detached(json.dumps(env).encode(), [keys["k1"], keys["k2"]]), [keys["k1"]])
 
 
 def test_lying_keyid_never_counts_for_the_other_key(keys: dict[str, KeyFile]) -> None:
@@ -69,6 +96,7 @@ def test_lying_keyid_never_counts_for_the_other_key(keys: dict[str, KeyFile]) ->
     env["signatures"].append(forged)
     with pytest.raises(ThresholdError):
         _detached(json.dumps(env).encode(), [keys["k1"], keys["k2"]], 2)
+    _assert_verified(_detached(json.dumps(env).encode(), [keys["k1"], keys["k2"]]), [keys["k1"]])
 
 
 def test_missing_keyid_is_refused(keys: dict[str, KeyFile]) -> None:
@@ -122,13 +150,22 @@ def test_malformed_statement_is_refused(keys: dict[str, KeyFile], mutate: object
         _detached(data, [keys["k1"]])
 
 
-def test_url_safe_base64_is_accepted(keys: dict[str, KeyFile]) -> None:
-    env = json.loads(sign_bytes("data.csv", DATA, [keys["k1"]]))
+def test_url_safe_base64_is_accepted(tmp_path: Path) -> None:
+    # The statement's base64 never holds "+" or "/"; find a key whose signature does,
+    # so the URL-safe form really differs from the standard one.
+    for index in range(100):
+        key = KeyFile(tmp_path, f"u{index}")
+        env = json.loads(sign_bytes("data.csv", DATA, [key]))
+        if {"+", "/"} & set(env["signatures"][0]["sig"]):
+            break
+    else:
+        pytest.fail("no signature with '+' or '/' in 100 keys")
     raw = base64.b64decode(env["payload"])
     env["payload"] = base64.urlsafe_b64encode(raw).decode()
-    env["signatures"][0]["sig"] = base64.urlsafe_b64encode(
-        base64.b64decode(env["signatures"][0]["sig"])).decode()
-    _detached(json.dumps(env).encode(), [keys["k1"]])
+    sig = base64.urlsafe_b64encode(base64.b64decode(env["signatures"][0]["sig"])).decode()
+    assert {"-", "_"} & set(sig)
+    env["signatures"][0]["sig"] = sig
+    _assert_verified(_detached(json.dumps(env).encode(), [key]), [key])
 
 
 @pytest.mark.parametrize("bad", ["not base64!", "YWJj\n", "YWJjZA"])
