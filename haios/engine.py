@@ -30,12 +30,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from haios import events as ev
 from haios._util.clock import wall_clock
+from haios._util.durability import Barrier
 from haios._util.safedir import SafeDir
 from haios.admission import VerifiedRun, admit
 from haios.area import RunArea
@@ -136,13 +138,37 @@ def _locked_run(osr: OsRoot, area: RunArea, policy: Policy, jobs: int, services:
     #     engine was alive are ingested.
     osr.sweep_temp_files()
     history = History.open(osr, area, policy, bus, services.clock)
+    barrier = Barrier()
+    history.defer_audit(barrier)
+    try:
+        return _audited_run(osr, area, policy, jobs, services, bus, history, barrier)
+    finally:
+        _flush_last(barrier)
+
+
+def _flush_last(barrier: Barrier) -> None:
+    """Everything recorded is durable before the process reports its exit code.
+
+    When a refusal or failure is already on its way out, it decides the
+    exit code; a flush that fails as well must not replace it.
+    """
+    if sys.exc_info()[1] is None:
+        barrier.flush()
+        return
+    with contextlib.suppress(HaiosError, OSError):
+        barrier.flush()
+    barrier.close()
+
+
+def _audited_run(osr: OsRoot, area: RunArea, policy: Policy, jobs: int, services: Services,
+                 bus: ev.EventBus, history: History, barrier: Barrier) -> RunOutcome:
     for subscriber in services.subscribers:
         bus.subscribe(subscriber)
     ingest_watchdog_journal(area, bus)
     # (3) Global kill flag.
     flag = engaged_flag(osr.path / "control", policy.kill_paths)
     if flag is not None:
-        bus.publish(ev.KILL_SWITCH, engaged=True, flag=Path(flag).name, scope="global")
+        bus.publish(ev.KillSwitch(engaged=True, flag=Path(flag).name, scope="global"))
         raise KilledError(f"kill switch {flag} is set; refusing to start")
     # (4) Signer, its error held back.
     signer, key_error = _load_signer(policy)
@@ -163,11 +189,11 @@ def _locked_run(osr: OsRoot, area: RunArea, policy: Policy, jobs: int, services:
         # (7) Idempotence.
         prior = verified.prior
         if prior is not None and prior.status == "succeeded":
-            bus.publish(ev.RUN_FINISHED, status="succeeded", reason="already succeeded")
+            bus.publish(ev.RunFinished(status="succeeded", reason="already succeeded"))
             return RunOutcome(EXIT_OK, prior.model_dump(mode="json", by_alias=True),
                               "plan already succeeded; nothing to run")
         # (8) Run, then (9) publish.
-        return _run(osr, area, policy, verified, signer, jobs, services, bus, history)
+        return _run(osr, area, policy, verified, signer, jobs, services, bus, history, barrier)
 
 
 @contextlib.contextmanager
@@ -189,15 +215,15 @@ def _load_signer(policy: Policy) -> tuple[EngineSigner | None, HaiosError | None
 
 def _run(osr: OsRoot, area: RunArea, policy: Policy, verified: VerifiedRun,
          signer: EngineSigner, jobs: int, services: Services, bus: ev.EventBus,
-         history: History) -> RunOutcome:
+         history: History, barrier: Barrier) -> RunOutcome:
     """(8) Run the steps not yet succeeded; (9) publish registry and final state."""
     plan, prior = verified.plan, verified.prior
     keeper = StateKeeper(osr, signer, plan, verified.plan_sha256, prior,
                          audit_head=history.head, written=history.state_written,
-                         clock=services.clock)
+                         clock=services.clock, barrier=barrier)
     ledger = BudgetLedger(plan.budget, prior.cost.totals if prior else CostTotals())
-    bus.publish(ev.RUN_STARTED, plan_id=plan.plan_id, plan_sha256=verified.plan_sha256,
-                jobs=jobs, steps=len(plan.steps), steps_done=keeper.succeeded())
+    bus.publish(ev.RunStarted(plan_id=plan.plan_id, plan_sha256=verified.plan_sha256,
+                jobs=jobs, steps=len(plan.steps), steps_done=keeper.succeeded()))
     for record in keeper.steps.values():
         record.reopen()
     keeper.status, keeper.reason = "running", None
@@ -221,13 +247,13 @@ def _run(osr: OsRoot, area: RunArea, policy: Policy, verified: VerifiedRun,
             now=services.clock, digests={name: item.sha256 for name, item in known.items()},
             bounds=(services.bounds_factory(policy, run_id)
                     if services.bounds_factory is not None else None),
-            trees=trees)
+            trees=trees, barrier=barrier)
         scheduler = Scheduler(ctx, keeper, ledger, topological_order(
             {s.id: tuple(s.needs) for s in plan.steps}), jobs, known)
         scheduler.run()
     # (9) Publish.
     write_registry(osr, plan, known, signer)
-    bus.publish(ev.RUN_FINISHED, status=keeper.status, reason=keeper.reason)
+    bus.publish(ev.RunFinished(status=keeper.status, reason=keeper.reason))
     document = keeper.commit()
     if scheduler.fatal is not None:
         raise scheduler.fatal

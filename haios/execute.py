@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from haios import events as ev
+from haios._util.durability import Barrier
 from haios._util.safedir import SafeDir
 from haios._util.strict_json import dump_json
 from haios.cost import Reservation
@@ -184,6 +185,9 @@ class RunContext:
     bounds: Callable[[PlanStep, Path | None], StepBounds] | None = None
     #: sees SIGSYS deaths anywhere in a step's tree; None: the init's view only
     trees: TreeTracker | None = None
+    #: batches the fsyncs of what a step publishes; flushed before the signed
+    #: state refers to it (None: every write is durable on its own)
+    barrier: Barrier | None = None
 
 
 def step_environment(plan_id: str, step: PlanStep, extra: Mapping[str, str]) -> dict[str, str]:
@@ -294,8 +298,8 @@ class StepExecutor:
                 resolve (never run a step without the reach it was given).
         """
         if profile.unsafe_host_network:
-            self.ctx.bus.publish(ev.EGRESS_OPENED, step_id=step.id, mode="host", endpoints=[],
-                                 limits=None)
+            self.ctx.bus.publish(ev.EgressOpened(step_id=step.id, mode="host", endpoints=[],
+                                 limits=None))
             return None
         if not profile.egress:
             return None
@@ -337,9 +341,9 @@ class StepExecutor:
         evidence = self._evidence(spec)
         if forwarder is not None:
             # Durable before the step can connect: what it may reach.
-            ctx.bus.publish(ev.EGRESS_OPENED, step_id=step.id, mode="egress",
+            ctx.bus.publish(ev.EgressOpened(step_id=step.id, mode="egress",
                             endpoints=evidence["egress"]["endpoints"],
-                            limits=evidence["egress"]["limits"])
+                            limits=evidence["egress"]["limits"]))
             forwarder.start()
         started = format_rfc3339(ctx.now())
         trees: list[TrackedTree] = []
@@ -349,6 +353,10 @@ class StepExecutor:
                 trees.append(ctx.trees.track(pid))
 
         try:
+            # Every record of what leads up to the start (a token issued, the
+            # egress opened) is durable before the step can act on it.
+            if ctx.barrier is not None:
+                ctx.barrier.flush()
             outcome = ctx.runner.run(spec, on_start=follow)
             outcome = _tree_violations(outcome, trees, bounds)
         finally:
@@ -397,7 +405,7 @@ class StepExecutor:
             status, reason, budget_cut = "failed", "budget: cpu_seconds reservation", True
         elif outcome.violation is not None:
             status, reason = "failed", f"sandbox violation: {outcome.violation}"
-            self.ctx.bus.publish(ev.SANDBOX_VIOLATION, step_id=step.id, kind=outcome.violation)
+            self.ctx.bus.publish(ev.SandboxViolation(step_id=step.id, kind=outcome.violation))
         elif outcome.exit_code != 0:
             status = "failed"
             reason = (f"exited with status {outcome.exit_code}" if outcome.signal is None
@@ -450,7 +458,8 @@ class StepExecutor:
     def _publish_logs(self, step_id: str, captures: tuple[int, int]) -> None:
         logs = self.ctx.osr.sub("logs", create=True)
         for stream, fd in zip(("out", "err"), captures, strict=True):
-            logs.write_atomic(f"{step_id}.{stream}", read_capture(fd, self._log_max))
+            logs.write_atomic(f"{step_id}.{stream}", read_capture(fd, self._log_max),
+                              barrier=self.ctx.barrier)
 
     def _publish_cost(self, step: PlanStep, result: StepResult) -> None:
         record = CostRecord.model_validate({
@@ -465,8 +474,10 @@ class StepExecutor:
         data = dump_json(record.model_dump(mode="json", by_alias=True))
         name = f"{step.id}.json"
         cost = self.ctx.osr.sub("cost", create=True)
-        cost.write_atomic(name, data)
-        cost.write_atomic(f"{name}.sig", self.ctx.signer.detached(name, _sha256(data)))
+        barrier = self.ctx.barrier
+        cost.write_atomic(name, data, barrier=barrier)
+        cost.write_atomic(f"{name}.sig", self.ctx.signer.detached(name, _sha256(data)),
+                          barrier=barrier)
 
     def _publish_products(self, step: PlanStep, result: StepResult,
                           confinement: dict[str, Any]) -> None:
@@ -475,12 +486,13 @@ class StepExecutor:
         for name, (digest, size) in result.products.items():
             fd, _ = ctx.store.open_regular(name)
             try:
-                artefacts.write_atomic_from(name, fd, size)
+                artefacts.write_atomic_from(name, fd, size, barrier=ctx.barrier)
             finally:
                 os.close(fd)
-            artefacts.write_atomic(f"{name}.sig", ctx.signer.detached(name, digest))
-            ctx.bus.publish(ev.PRODUCT_RECORDED, step_id=step.id, name=name, sha256=digest,
-                            size=size)
+            artefacts.write_atomic(f"{name}.sig", ctx.signer.detached(name, digest),
+                                   barrier=ctx.barrier)
+            ctx.bus.publish(ev.ProductRecorded(step_id=step.id, name=name, sha256=digest,
+                            size=size))
         materials = {name: ctx.digests[name] for name in step.materials}
         link = ctx.signer.link(
             step.id, step.run, materials,
@@ -489,7 +501,7 @@ class StepExecutor:
             byproducts={"return-value": result.exit_code or 0},
         )
         links = ctx.osr.sub("links", create=True)
-        links.write_atomic(f"{step.id}.{ctx.signer.keyid[:8]}.link", link)
+        links.write_atomic(f"{step.id}.{ctx.signer.keyid[:8]}.link", link, barrier=ctx.barrier)
 
 
 def _tree_violations(outcome: StepOutcome, trees: list[TrackedTree],

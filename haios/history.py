@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from haios import events as ev
 from haios._util.clock import wall_clock
+from haios._util.durability import Barrier
 from haios._util.safedir import SafeDir
 from haios._util.strict_json import StrictJSONError, parse_strict_json, printable
 from haios.errors import HaiosError, PathError, ReplayError, TamperedError
@@ -93,8 +94,18 @@ class History:
         if audit is not None:
             bus.subscribe(audit.subscriber)
             if leftover is not None:
-                bus.publish(ev.AUDIT_LEFTOVER, records=leftover[0], sha256=leftover[1])
+                bus.publish(ev.AuditLeftover(records=leftover[0], sha256=leftover[1]))
         return cls(osr, area, policy, bus, prior, error, audit, clock)
+
+    def defer_audit(self, barrier: Barrier) -> None:
+        """Batch the audit log's fsyncs into `barrier` (flushed by the engine)."""
+        if self.audit is not None:
+            self.audit.defer_to(barrier)
+
+    def sync(self) -> None:
+        """Make every audit record so far durable."""
+        if self.audit is not None:
+            self.audit.sync()
 
     def state_written(self) -> None:
         """A signed state now pins the audit head: the log is no longer a leftover."""
@@ -139,7 +150,8 @@ class History:
         state's `reason` refuses a NUL (a crash here would lose the record).
         """
         message = printable(str(exc))
-        self.bus.publish(ev.REJECTION, reason=exc.reason, message=message)
+        self.bus.publish(ev.Rejection(reason=exc.reason, message=message))
+        self.sync()  # the refusal is on record before anything else happens
         if signer is None or self.error is not None or self.has_history():
             return
         plan_id, steps = _plan_outline(raw)

@@ -60,7 +60,7 @@ class StoredArtefact:
 
 
 def _publish(bus: ev.EventBus, kind: str, ok: bool, subject: str) -> None:
-    bus.publish(ev.VERIFICATION, kind=kind, result="ok" if ok else "fail", subject=subject)
+    bus.publish(ev.Verification(kind=kind, result="ok" if ok else "fail", subject=subject))
 
 
 def read_plan_bytes(osr: OsRoot, policy: Policy) -> bytes:

@@ -36,7 +36,7 @@ def ingest_watchdog_journal(area: RunArea, bus: ev.EventBus) -> int:
     try:
         data = private.read_bytes(JOURNAL, max_bytes=JOURNAL_MAX_BYTES)
     except HaiosError as exc:
-        bus.publish(ev.REJECTION, reason="watchdog_journal", message=str(exc))
+        bus.publish(ev.Rejection(reason="watchdog_journal", message=str(exc)))
         return 0
     killed = 0
     for line in data.splitlines():
@@ -45,10 +45,10 @@ def ingest_watchdog_journal(area: RunArea, bus: ev.EventBus) -> int:
             continue
         for entry in record.get("steps") or []:
             if isinstance(entry, dict) and isinstance(entry.get("step_id"), str):
-                bus.publish(ev.KILL, scope="engine_lost", flag="engine_lost",
+                bus.publish(ev.Kill(scope="engine_lost", flag="engine_lost",
                             step_id=entry["step_id"],
                             latency_seconds=float(entry.get("latency_seconds") or 0.0),
-                            complete=bool(entry.get("complete")))
+                            complete=bool(entry.get("complete"))))
                 killed += 1
     private.unlink(JOURNAL)
     return killed

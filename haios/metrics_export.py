@@ -185,7 +185,8 @@ class MetricsExporter:
         verification: a run refused as busy never pushes over the group of
         the run that holds the lock.
         """
-        if event.kind == events.RUN_STARTED and self._thread is None and not self._stop.is_set():
+        starting = isinstance(event, events.RunStarted)
+        if starting and self._thread is None and not self._stop.is_set():
             self.start()
 
     def _push_loop(self) -> None:

@@ -296,10 +296,10 @@ class Run:
         return [record["fields"] for record in self.audit if record["kind"] == kind]
 
     def published(self, kind: str) -> list[dict[str, Any]]:
-        return [dict(e.fields) for e in self.events if e.kind == kind]
+        return [e.fields() for e in self.events if kind == e.KIND]
 
     def kinds(self) -> list[str]:
-        return [e.kind for e in self.events]
+        return [e.KIND for e in self.events]
 
 
 def audit_records(root: Path) -> list[dict[str, Any]]:

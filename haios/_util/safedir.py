@@ -21,9 +21,12 @@ import os
 import secrets
 import stat
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from haios.errors import BusyError, CopyError, InputError, PathError
+
+if TYPE_CHECKING:
+    from haios._util.durability import Barrier
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -190,10 +193,13 @@ class SafeDir:
         if info.st_nlink != 1:
             raise PathError(f"{self.label}/{name}: hard-linked file at an engine path")
 
-    def write_atomic(self, name: str, data: bytes, *, mode: int = 0o644) -> None:
+    def write_atomic(self, name: str, data: bytes, *, mode: int = 0o644,
+                     barrier: Barrier | None = None) -> None:
         """Publish `data` as `name` atomically: temp, fsync, rename, fsync dir.
 
         A crash at any instant leaves the old or the new file, never a torn one.
+        With a `barrier`, both fsyncs wait for its flush (many files, one
+        journal commit); until then the file is in place but not yet durable.
 
         Raises:
             PathError: an unexpected entry occupies `name`, or the write failed.
@@ -201,9 +207,10 @@ class SafeDir:
         Side Effects:
             Creates and renames a temp file in this directory; fsyncs.
         """
-        self._publish(name, mode, lambda fd: _write_all(fd, data))
+        self._publish(name, mode, lambda fd: _write_all(fd, data), barrier)
 
-    def write_atomic_from(self, name: str, src_fd: int, size: int, *, mode: int = 0o644) -> None:
+    def write_atomic_from(self, name: str, src_fd: int, size: int, *, mode: int = 0o644,
+                          barrier: Barrier | None = None) -> None:
         """Publish the first `size` bytes behind `src_fd` as `name`, atomically.
 
         Raises:
@@ -221,9 +228,10 @@ class SafeDir:
                     raise PathError(f"{self.label}/{name}: source shrank while copying")
                 copied += n
 
-        self._publish(name, mode, fill)
+        self._publish(name, mode, fill, barrier)
 
-    def _publish(self, name: str, mode: int, fill: Callable[[int], None]) -> None:
+    def _publish(self, name: str, mode: int, fill: Callable[[int], None],
+                 barrier: Barrier | None) -> None:
         """Temp file (O_EXCL, no-follow), fill, fsync, rename over `name`, fsync dir."""
         self.check_replaceable(name)
         tmp = f".{name}.{secrets.token_hex(6)}.tmp"
@@ -234,7 +242,10 @@ class SafeDir:
         try:
             try:
                 fill(fd)
-                os.fsync(fd)
+                if barrier is None:
+                    os.fsync(fd)
+                else:
+                    barrier.defer_file(fd)
             except OSError as exc:
                 # A full or failing disk is the environment, not the input.
                 raise CopyError(f"{self.label}/{name}: cannot write ({_reason(exc)})") from exc
@@ -245,7 +256,10 @@ class SafeDir:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self.fd)
             raise
-        os.fsync(self.fd)
+        if barrier is None:
+            os.fsync(self.fd)
+        else:
+            barrier.defer_dir(self.fd)
 
     def unlink(self, name: str) -> None:
         """Remove `name` if present (never follows it)."""

@@ -41,6 +41,7 @@ from haios.errors import (
 if TYPE_CHECKING:
     from types import TracebackType
 
+    from haios._util.durability import Barrier
     from haios.events import Event
 
 _FILE_MODE: Final = 0o600
@@ -65,7 +66,9 @@ class AuditLog:
     """The engine's writer of `audit.jsonl`. Thread-safe.
 
     Build with `AuditLog.open`. Each `append` is durable (fsync) before it
-    returns, so a record exists before the action it records takes effect.
+    returns, so a record exists before the action it records takes effect;
+    after `defer_to(barrier)` the engine batches that fsync into the
+    barrier it flushes before any such effect (haios/_util/durability.py).
     After any write or fsync failure the log refuses every later append: the
     file's tail is unknown, and retrying after a failed fsync can report
     success for data that never reached the disk.
@@ -99,6 +102,9 @@ class AuditLog:
         self._size = size
         self._clock = clock
         self._lock = threading.Lock()
+        #: appends wait for a barrier's flush instead of an fsync each
+        self._deferred = False
+        self._dirty = False
         self._closed = False
         self._broken = False
 
@@ -196,6 +202,33 @@ class AuditLog:
                 self._note_unsigned_records(self._unsigned_from)
             return self._append_locked(kind, fields)
 
+    def defer_to(self, barrier: Barrier) -> None:
+        """From now on, appends are made durable at `barrier`'s flush, not one by one.
+
+        The engine flushes the barrier before any effect a record describes
+        can be observed outside it (docs/durability.md).
+        """
+        with self._lock:
+            self._deferred = True
+        barrier.add_flusher(self.sync)
+
+    def sync(self) -> None:
+        """Make every record appended so far durable (a no-op when they are).
+
+        Raises:
+            EnvironmentUnavailableError: the fsync failed; the log refuses
+                every later append.
+        """
+        with self._lock:
+            if not self._dirty or self._closed:
+                return
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                self._broken = True
+                _raise_os_error(e, "cannot make audit.jsonl durable")
+            self._dirty = False
+
     def subscriber(self, event: Event) -> None:
         """Record `event`; pass this method to `EventBus.subscribe`.
 
@@ -209,17 +242,29 @@ class AuditLog:
         Side Effects:
             As `append`.
         """
-        self.append(event.kind, event.fields)
+        self.append(event.KIND, event.fields())
 
     def close(self) -> None:
-        """Close the file; later appends raise.
+        """Make pending records durable, close the file; later appends raise.
+
+        Raises:
+            EnvironmentUnavailableError: the pending records could not be
+                made durable (the file is closed all the same).
 
         Side Effects:
-            Closes the descriptor (once).
+            fsyncs when records are pending; closes the descriptor (once).
         """
         with self._lock:
-            if not self._closed:
-                self._closed = True
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                if self._dirty:
+                    os.fsync(self._fd)
+            except OSError as e:
+                self._broken = True
+                _raise_os_error(e, "cannot make audit.jsonl durable")
+            finally:
                 os.close(self._fd)
 
     def __enter__(self) -> Self:
@@ -294,7 +339,10 @@ class AuditLog:
             raise EnvironmentUnavailableError(msg)
         try:
             _write_all(self._fd, line)
-            os.fsync(self._fd)
+            if self._deferred:
+                self._dirty = True
+            else:
+                os.fsync(self._fd)
         except OSError as e:
             self._broken = True
             _raise_os_error(e, "cannot append to audit.jsonl")

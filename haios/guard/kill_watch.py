@@ -108,13 +108,13 @@ class KillWatch:
         with self._lock:
             self._kills[report.step_id or "*"] = (
                 f"{flag_name(report.flag)} (tree dead {latency_ms:.1f} ms after the flag was seen)")
-        self.request.bus.publish(ev.KILL, scope=report.scope, flag=flag_name(report.flag),
+        self.request.bus.publish(ev.Kill(scope=report.scope, flag=flag_name(report.flag),
                                  step_id=report.step_id, latency_seconds=report.latency_seconds,
-                                 complete=report.complete)
+                                 complete=report.complete))
 
     def _on_engaged(self, engagement: Engagement) -> None:
-        self.request.bus.publish(ev.KILL_SWITCH, engaged=True, flag=flag_name(engagement.flag),
-                                 scope=engagement.scope)
+        self.request.bus.publish(ev.KillSwitch(engaged=True, flag=flag_name(engagement.flag),
+                                 scope=engagement.scope))
 
     def _on_lost(self) -> None:
         """It died: kill every tree ourselves and fail closed."""

@@ -46,12 +46,12 @@ class RunGuard:
         bus = self.request.bus
         for resolution in resolve_egress(self.request.policy, self.request.plan, environ):
             for route in resolution.routes:
-                bus.publish(ev.EGRESS_RESOLVED, profile=resolution.profile,
+                bus.publish(ev.EgressResolved(profile=resolution.profile,
                             endpoint=route.endpoint, port=route.port,
-                            addresses=list(route.destinations))
+                            addresses=list(route.destinations)))
             for refusal in resolution.refusals:
-                bus.publish(ev.EGRESS_REFUSED, step_id=None, endpoint=refusal.endpoint,
-                            reason="resolution", message=refusal.message)
+                bus.publish(ev.EgressRefused(step_id=None, endpoint=refusal.endpoint,
+                            reason="resolution", message=refusal.message))
             raise_refusals(resolution)
             self.egress[resolution.profile] = resolution.routes
 

@@ -72,8 +72,8 @@ class VaultGrants:
         session = self.provider.open_session(self.request.run_id, ttl_seconds=ttl)
         if self.request.record_session is not None:
             self.request.record_session(session.accessor, True)
-        self.request.bus.publish(ev.VAULT_TOKEN_ISSUED, step_id="run", accessor=session.accessor,
-                                 ttl_seconds=session.ttl_seconds)
+        self.request.bus.publish(ev.VaultTokenIssued(step_id="run", accessor=session.accessor,
+                                 ttl_seconds=session.ttl_seconds))
         self._session_provider, self.session = self.provider, session
         self.provider = session.provider
 
@@ -95,8 +95,8 @@ class VaultGrants:
         # The accessor is durable before the token can be used (resume revokes it).
         if self.request.record_accessor is not None:
             self.request.record_accessor(step.id, token.accessor)
-        self.request.bus.publish(ev.VAULT_TOKEN_ISSUED, step_id=step.id,
-                                 accessor=token.accessor, ttl_seconds=token.ttl_seconds)
+        self.request.bus.publish(ev.VaultTokenIssued(step_id=step.id,
+                                 accessor=token.accessor, ttl_seconds=token.ttl_seconds))
         try:
             write_token_into(secret_fd, token, uid, gid)
         except BaseException:
@@ -132,8 +132,8 @@ class VaultGrants:
         except HaiosError as exc:
             with self._lock:
                 self._unrevoked.append(accessor)
-            self.request.bus.publish(ev.VAULT_REVOKE_FAILED, step_id=step_id,
-                                     accessor=accessor, message=exc.reason)
+            self.request.bus.publish(ev.VaultRevokeFailed(step_id=step_id,
+                                     accessor=accessor, message=exc.reason))
             return False
-        self.request.bus.publish(ev.VAULT_TOKEN_REVOKED, step_id=step_id, accessor=accessor)
+        self.request.bus.publish(ev.VaultTokenRevoked(step_id=step_id, accessor=accessor))
         return True

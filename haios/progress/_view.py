@@ -146,22 +146,22 @@ class RunView:
         self._left: dict[str, float] = {}
         self._seen: set[str] = set()
         self._notice: str | None = None
-        self._handlers: Mapping[str, Callable[[Mapping[str, Any]], list[Line]]] = {
-            ev.VERIFICATION: self._on_verification,
-            ev.REJECTION: self._on_rejection,
-            ev.RUN_STARTED: self._on_run_started,
-            ev.STEP_STARTED: self._on_step_started,
-            ev.COST_RECORDED: self._on_cost_recorded,
-            ev.BUDGET_REMAINING: self._on_budget_remaining,
-            ev.STEP_FINISHED: self._on_step_finished,
-            ev.SANDBOX_VIOLATION: self._on_sandbox_violation,
-            ev.BUDGET_HALT: self._on_budget_halt,
-            ev.KILL_SWITCH: self._on_kill_switch,
-            ev.KILL: self._on_kill,
-            ev.VAULT_TOKEN_ISSUED: self._on_vault_token_issued,
-            ev.VAULT_TOKEN_REVOKED: self._on_vault_token_revoked,
-            ev.VAULT_REVOKE_FAILED: self._on_vault_revoke_failed,
-            ev.RUN_FINISHED: self._on_run_finished,
+        self._handlers: Mapping[type[ev.Event], Callable[[Mapping[str, Any]], list[Line]]] = {
+            ev.Verification: self._on_verification,
+            ev.Rejection: self._on_rejection,
+            ev.RunStarted: self._on_run_started,
+            ev.StepStarted: self._on_step_started,
+            ev.CostRecorded: self._on_cost_recorded,
+            ev.BudgetRemaining: self._on_budget_remaining,
+            ev.StepFinished: self._on_step_finished,
+            ev.SandboxViolation: self._on_sandbox_violation,
+            ev.BudgetHalt: self._on_budget_halt,
+            ev.KillSwitch: self._on_kill_switch,
+            ev.Kill: self._on_kill,
+            ev.VaultTokenIssued: self._on_vault_token_issued,
+            ev.VaultTokenRevoked: self._on_vault_token_revoked,
+            ev.VaultRevokeFailed: self._on_vault_revoke_failed,
+            ev.RunFinished: self._on_run_finished,
         }
 
     # -- reading ------------------------------------------------------------
@@ -173,10 +173,10 @@ class RunView:
         run's first line; if the run never starts (a refusal) they are
         never returned.
         """
-        handler = self._handlers.get(event.kind)
+        handler = self._handlers.get(type(event))
         if handler is None:
             return []
-        lines = handler(event.fields)
+        lines = handler(event.fields())
         if self._phase == "verifying":
             self._held.extend(lines)
             return []

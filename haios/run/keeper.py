@@ -1,9 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
 """The run's state document (`state.json`): held in memory, published signed.
 
-Every `commit` raises `seq`, validates the whole document against the
-model, signs it and publishes it atomically (haios/state/store.py), so a
-reader sees either the previous signed state or this one. The first commit
+Every `commit` first flushes the run's durability barrier (the products,
+signatures, cost records, links, logs and audit records the state refers
+to), then raises `seq`, validates the whole document against the model,
+signs it and publishes it atomically (haios/state/store.py), so a reader
+sees either the previous signed state or this one. The first commit
 also tells the history that the audit log is now covered by a signed state.
 Accessors are committed before the caller may use their token.
 """
@@ -15,6 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from haios._util.durability import Barrier
 from haios.models.common import format_rfc3339
 from haios.models.plan import ExecPlan
 from haios.models.state import STATE_SCHEMA, CostTotals, PlanStatus, RunState
@@ -31,8 +34,10 @@ class StateKeeper:
                  prior: RunState | None, *,
                  audit_head: Callable[[], dict[str, Any] | None],
                  written: Callable[[], None],
-                 clock: Callable[[], dt.datetime]) -> None:
+                 clock: Callable[[], dt.datetime],
+                 barrier: Barrier | None = None) -> None:
         self.osr, self.signer, self.clock = osr, signer, clock
+        self.barrier = barrier
         self.plan_id, self.plan_sha256 = plan.plan_id, plan_sha256
         self.seq = prior.seq if prior else 0
         self.status: PlanStatus = "pending"
@@ -71,6 +76,8 @@ class StateKeeper:
     def commit(self) -> dict[str, Any]:
         """Publish the state atomically with a fresh engine signature; return it."""
         with self.lock:
+            if self.barrier is not None:
+                self.barrier.flush()  # what the state refers to is durable first
             self.seq += 1
             document = write_signed(self.osr.root, STATE_FILE, self.document(self.clock()),
                                     self.signer)

@@ -53,13 +53,16 @@ class Scheduler:
         with cf.ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="step") as pool:
             while True:
                 starting = self._admit(len(running)) if self.halt is None else []
+                for step_id, _ in starting:
+                    self.ctx.bus.publish(ev.StepStarted(
+                        step_id=step_id, profile=self.ctx.plan.step(step_id).profile,
+                        attempt=self.keeper.steps[step_id].attempts))
                 if starting or self.dirty:
-                    self.keeper.commit()  # durable before the new steps can act
+                    # One barrier and one signed state per turn: the steps that
+                    # ended and those about to start, durable before they act.
+                    self.keeper.commit()
                     self.dirty = False
                 for step_id, reservation in starting:
-                    self.ctx.bus.publish(ev.STEP_STARTED, step_id=step_id,
-                                         profile=self.ctx.plan.step(step_id).profile,
-                                         attempt=self.keeper.steps[step_id].attempts)
                     running[pool.submit(self._attempt, step_id, reservation)] = step_id
                 if not running:
                     break
@@ -159,13 +162,13 @@ class Scheduler:
                                               (self.ctx.signer.keyid,))
             self.ctx.digests[name] = digest
         bus = self.ctx.bus
-        bus.publish(ev.COST_RECORDED, step_id=step_id, cpu_seconds=result.cpu_seconds,
-                    wall_seconds=result.wall_seconds, usd=result.usd, tokens=result.tokens)
+        bus.publish(ev.CostRecorded(step_id=step_id, cpu_seconds=result.cpu_seconds,
+                    wall_seconds=result.wall_seconds, usd=result.usd, tokens=result.tokens))
         for unit, value in self.ledger.remaining().items():
-            bus.publish(ev.BUDGET_REMAINING, unit=unit, value=value)
-        bus.publish(ev.STEP_FINISHED, step_id=step_id, status=result.status, uid=result.uid,
+            bus.publish(ev.BudgetRemaining(unit=unit, value=value))
+        bus.publish(ev.StepFinished(step_id=step_id, status=result.status, uid=result.uid,
                     exit_code=result.exit_code, profile=self.ctx.plan.step(step_id).profile,
-                    wall_seconds=result.wall_seconds, reason=result.reason)
+                    wall_seconds=result.wall_seconds, reason=result.reason))
 
     def _finish_without_result(self, step_id: str, exc: HaiosError) -> None:
         """A step that raised instead of ending: killed at registration, or the
@@ -174,9 +177,9 @@ class Scheduler:
         with self.keeper.lock:
             record = self.keeper.steps[step_id]
             record.abort(killed=killed, reason=str(exc), now=format_rfc3339(self.ctx.now()))
-        self.ctx.bus.publish(ev.STEP_FINISHED, step_id=step_id, status=record.status,
+        self.ctx.bus.publish(ev.StepFinished(step_id=step_id, status=record.status,
                              exit_code=None, profile=self.ctx.plan.step(step_id).profile,
-                             wall_seconds=0.0, reason=exc.reason)
+                             wall_seconds=0.0, reason=exc.reason))
         self._halt("killed" if killed else "failed", str(exc))
         if not killed and exc.exit_code != EXIT_STEP_FAILED and self.fatal is None:
             self.fatal = exc  # the environment broke mid-run: exit with its code
@@ -190,7 +193,7 @@ class Scheduler:
         if self.halt is None or (status == "killed" and self.halt[0] != "killed"):
             self.halt = (status, reason)
         if status == "budget_exhausted":
-            self.ctx.bus.publish(ev.BUDGET_HALT, reason=reason)
+            self.ctx.bus.publish(ev.BudgetHalt(reason=reason))
 
     def _close_out(self) -> None:
         """Skip what can no longer run; set the plan's status from the halt."""

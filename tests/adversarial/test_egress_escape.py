@@ -27,6 +27,7 @@ import pytest
 
 from haios.egress.forward import Forwarder
 from haios.egress.limits import ForwardLimits
+from haios.events import Event
 from haios.sandbox.launcher import Launcher
 from haios.sandbox.runner import NamespaceRunner
 from haios.sandbox.spec import EgressRoute
@@ -77,8 +78,8 @@ def run_forwarded(runner: NamespaceRunner, tmp_path: Path, body: str,
     """Run `NET + body` in the sandbox with a forwarder for `routes`."""
     events: list[tuple[str, dict[str, Any]]] = []
 
-    def publish(kind: str, /, **fields: Any) -> None:
-        events.append((kind, fields))
+    def publish(event: Event, /) -> None:
+        events.append((event.KIND, event.fields()))
 
     forwarder = Forwarder.open("probe", routes, limits, publish)
     spec = make_spec(tmp_path, ("/usr/bin/python3", "-c", PRELUDE + NET + body),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import decimal
 import errno
@@ -14,7 +15,7 @@ import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -35,7 +36,7 @@ from haios.audit import (
 from haios.audit import chain as audit
 from haios.audit import log as audit_log
 from haios.errors import EnvironmentUnavailableError, InternalError, PathError, TamperedError
-from haios.events import STEP_STARTED, VAULT_TOKEN_ISSUED, EventBus
+from haios.events import Event, EventBus, StepStarted, VaultTokenIssued
 
 START = dt.datetime(2025, 1, 31, 12, 0, 0, tzinfo=dt.UTC)
 
@@ -227,16 +228,32 @@ def test_reopen_continues_the_chain(dir_fd: int, tmp_path: Path) -> None:
     assert verify_audit_bytes((tmp_path / AUDIT_FILE_NAME).read_bytes()).count == 2
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _FutureKind(Event):
+    KIND: ClassVar[str] = "some.future_kind"
+    note: str
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class _CarriesAToken(Event):
+    """A publisher bug the audit log must refuse: a credential-named field."""
+
+    KIND: ClassVar[str] = "vault.token_issued"
+    step_id: str
+    token: str
+
+
 def test_subscriber_records_every_event(log: AuditLog, tmp_path: Path) -> None:
     bus = EventBus()
     bus.subscribe(log.subscriber)
-    bus.publish(STEP_STARTED, step_id="s1", profile="default", attempt=1, uid=1000)
-    bus.publish(VAULT_TOKEN_ISSUED, step_id="s1", accessor="acc-1", ttl_seconds=60)
-    bus.publish("some.future_kind", note="kept")
-    assert [r["kind"] for r in records_of(tmp_path)] == [
-        STEP_STARTED,
-        VAULT_TOKEN_ISSUED,
-        "some.future_kind",
+    bus.publish(StepStarted(step_id="s1", profile="default", attempt=1))
+    bus.publish(VaultTokenIssued(step_id="s1", accessor="acc-1", ttl_seconds=60))
+    bus.publish(_FutureKind(note="kept"))
+    records = records_of(tmp_path)
+    assert [(r["kind"], r["fields"]) for r in records] == [
+        ("step.started", {"attempt": 1, "profile": "default", "step_id": "s1"}),
+        ("vault.token_issued", {"accessor": "acc-1", "step_id": "s1", "ttl_seconds": 60}),
+        ("some.future_kind", {"note": "kept"}),
     ]
 
 
@@ -244,7 +261,7 @@ def test_subscriber_refusal_stops_the_publisher(log: AuditLog) -> None:
     bus = EventBus()
     bus.subscribe(log.subscriber)
     with pytest.raises(InternalError):
-        bus.publish(VAULT_TOKEN_ISSUED, step_id="s1", token="hvs.x")
+        bus.publish(_CarriesAToken(step_id="s1", token="hvs.x"))
     assert log.head.count == 0
 
 

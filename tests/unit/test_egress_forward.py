@@ -10,6 +10,7 @@ servers on 127.0.0.1. Only loopback is dialled.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import socket
@@ -20,11 +21,12 @@ from typing import Any
 
 import pytest
 
-from haios import metrics
 from haios.egress import forward
 from haios.egress.forward import Forwarder
 from haios.egress.limits import ForwardLimits
 from haios.errors import EnvironmentUnavailableError, SandboxSetupError
+from haios.events import Event
+from haios.metrics import families as metrics
 from haios.sandbox.netns import LISTENERS_MESSAGE
 from haios.sandbox.spec import EgressRoute
 
@@ -62,6 +64,36 @@ class Echo:
         self.server.close()
 
 
+class Sink:
+    """A destination on 127.0.0.1 that counts what each connection delivered."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.received: list[int] = []
+        self.done = threading.Semaphore(0)
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            total = 0
+            with conn:
+                try:
+                    while data := conn.recv(1 << 20):
+                        total += len(data)
+                except OSError:
+                    pass
+            self.received.append(total)
+            self.done.release()
+
+    def close(self) -> None:
+        self.server.close()
+
+
 class Harness:
     """A forwarder whose listeners the test made (on 127.77.x.y), with its events."""
 
@@ -75,8 +107,8 @@ class Harness:
         self.forwarder = Forwarder.open("s", self.routes, limits, self.publish)
         self.forwarder.start()
 
-    def publish(self, kind: str, /, **fields: Any) -> None:
-        self.events.append((kind, fields))
+    def publish(self, event: Event, /) -> None:
+        self.events.append((event.KIND, event.fields()))
 
     def hand_over(self, listeners: list[socket.socket] | None = None,
                   message: bytes = LISTENERS_MESSAGE) -> None:
@@ -131,6 +163,31 @@ def test_bytes_flow_both_ways_and_each_connection_is_recorded(echo: Echo) -> Non
         "step_id": "s", "connections": 2, "bytes_out": 300_001, "bytes_in": 300_001,
         "refusals": {}}]
     assert harness.events[-1][0] == "egress.closed"  # the summary comes last
+
+
+def test_the_byte_limit_is_exact_with_bulk_buffers_kept_by_workers() -> None:
+    # The first connection grows the workers' buffers to their largest; the
+    # second is cut inside a full read, at a limit aligned to no buffer size.
+    sink = Sink()
+    limit = (3 << 20) + 12_345
+    harness = Harness([sink.port], limits=ForwardLimits(1, 8, limit, 2))
+    harness.hand_over()
+    for size in (2 << 20, 4 << 20):
+        conn = harness.connect(sink.port)
+        with contextlib.suppress(OSError):  # the cut may reach the sender first
+            conn.sendall(os.urandom(size))
+            conn.shutdown(socket.SHUT_WR)
+            conn.recv(1)
+        conn.close()
+        assert sink.done.acquire(timeout=10)
+    harness.forwarder.stop()
+    sink.close()
+    assert sink.received == [2 << 20, limit - (2 << 20)]
+    records = harness.kinds("egress.connection")
+    assert [(r["outcome"], r["bytes_out"], r["bytes_in"]) for r in records] == [
+        ("closed", 2 << 20, 0), ("byte_limit", limit - (2 << 20), 0)]
+    assert harness.kinds("egress.closed")[0]["bytes_out"] == limit
+    assert [r["reason"] for r in harness.kinds("egress.refused")] == ["byte_limit"]
 
 
 def test_destinations_are_tried_in_order(echo: Echo) -> None:
@@ -201,7 +258,7 @@ def test_a_forwarder_never_started_records_nothing(echo: Echo) -> None:
     events: list[tuple[str, Any]] = []
     forwarder = Forwarder.open("s", (EgressRoute("e", None, "127.77.9.9", echo.port,
                                                  ("127.0.0.1",)),), LIMITS,
-                               lambda kind, **fields: events.append((kind, fields)))
+                               lambda event: events.append((event.KIND, event.fields())))
     forwarder.stop()
     assert events == []
 
@@ -209,7 +266,7 @@ def test_a_forwarder_never_started_records_nothing(echo: Echo) -> None:
 def test_a_record_that_cannot_be_published_stops_the_run(echo: Echo) -> None:
     harness = Harness([echo.port])
 
-    def failing(kind: str, /, **fields: Any) -> None:
+    def failing(event: Event, /) -> None:
         raise EnvironmentUnavailableError("audit.jsonl: cannot append")
 
     harness.forwarder._publish = failing  # the audit log failing

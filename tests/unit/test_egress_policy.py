@@ -21,6 +21,7 @@ from haios.load.policy import load_policy
 from haios.metrics import MetricsRecorder
 from haios.models.plan import ExecPlan
 from haios.sandbox.profile import lint_profile_result, load_profile
+from tests.event_support import event
 from tests.sandbox_helpers import MINIMAL_PROFILE, POLICY_DIR, write_profile
 from tests.world import World, plan, sh, step
 
@@ -138,7 +139,7 @@ def test_egress_metrics_count_outcomes_refusals_and_bytes() -> None:
     recorder = MetricsRecorder()
 
     def publish(kind: str, **fields: object) -> None:
-        recorder.on_event(events.Event(kind, fields))
+        recorder.on_event(event(kind, **fields))
 
     def value(name: str, **labels: str) -> float | None:
         return recorder.registry.get_sample_value(name, labels)
@@ -146,14 +147,14 @@ def test_egress_metrics_count_outcomes_refusals_and_bytes() -> None:
     assert value("haios_egress_connections_total", outcome="closed") == 0
     assert value("haios_egress_refusals_total", reason="resolution") == 0
     assert value("haios_egress_bytes_total", direction="in") == 0
-    publish(events.EGRESS_CONNECTION, step_id="s", endpoint="vault", destination="x",
+    publish(events.EgressConnection.KIND, step_id="s", endpoint="vault", destination="x",
             outcome="closed", bytes_out=10, bytes_in=32, duration_seconds=0.1)
-    publish(events.EGRESS_CONNECTION, step_id="s", endpoint="vault", destination=None,
+    publish(events.EgressConnection.KIND, step_id="s", endpoint="vault", destination=None,
             outcome="attacker\ntext", bytes_out=0, bytes_in=0, duration_seconds=0.1)
-    publish(events.EGRESS_REFUSED, step_id="s", endpoint=None, reason="byte_limit", message="m")
-    publish(events.EGRESS_REFUSED, step_id=None, endpoint="x", reason="weird", message="m")
-    publish(events.EGRESS_OPENED, step_id="s", mode="egress", endpoints=[], limits={})
-    publish(events.EGRESS_CLOSED, step_id="s", connections=2, bytes_out=10, bytes_in=32,
+    publish(events.EgressRefused.KIND, step_id="s", endpoint=None, reason="byte_limit", message="m")
+    publish(events.EgressRefused.KIND, step_id=None, endpoint="x", reason="weird", message="m")
+    publish(events.EgressOpened.KIND, step_id="s", mode="egress", endpoints=[], limits={})
+    publish(events.EgressClosed.KIND, step_id="s", connections=2, bytes_out=10, bytes_in=32,
             refusals={})
     assert value("haios_egress_connections_total", outcome="closed") == 1
     assert value("haios_egress_connections_total", outcome="other") == 1

@@ -91,7 +91,7 @@ def after_finished(step_id: str) -> tuple[threading.Event, ev.Subscriber]:
     seen = threading.Event()
 
     def subscriber(event: ev.Event) -> None:
-        if event.kind == ev.STEP_FINISHED and event.fields["step_id"] == step_id:
+        if isinstance(event, ev.StepFinished) and event.step_id == step_id:
             seen.set()
 
     return seen, subscriber
@@ -145,8 +145,8 @@ def test_chain_runs_in_order_through_the_seams(rig: EngineRig) -> None:
     assert run.runner.specs["b"].uid == FAKE_UID
     # The audit log subscribed first and recorded every published event, in order.
     assert [r["kind"] for r in run.audit] == run.kinds()
-    assert run.kinds()[0] == ev.VERIFICATION and run.kinds()[-1] == ev.RUN_FINISHED
-    assert run.audited(ev.STEP_FINISHED) == [
+    assert run.kinds()[0] == ev.Verification.KIND and run.kinds()[-1] == ev.RunFinished.KIND
+    assert run.audited(ev.StepFinished.KIND) == [
         {"step_id": s, "status": "succeeded", "uid": FAKE_UID, "exit_code": 0,
          "profile": "default", "wall_seconds": 1.0, "reason": None} for s in ("a", "b")]
     assert state["audit"]["records"] == len(run.audit)
@@ -176,7 +176,7 @@ def test_failed_step_halts_the_plan_and_skips_the_rest(rig: EngineRig) -> None:
     assert state["cost"]["totals"]["usd"] == 0.5
     assert not (root / "artefacts" / "b.txt").exists()
     assert (root / "cost" / "b.json").is_file() and (root / "logs" / "b.out").is_file()
-    assert run.audited(ev.RUN_FINISHED) == [
+    assert run.audited(ev.RunFinished.KIND) == [
         {"status": "failed", "reason": "step b failed: exited with status 3"}]
 
 
@@ -197,7 +197,7 @@ def test_how_a_step_ends_decides_its_status(rig: EngineRig, scripted: Scripted, 
     assert entry["reason"].startswith(reason), entry["reason"]
     assert run.statuses()["b"] == "skipped"
     assert run.state["reason"].startswith(f"step a {status}: {reason}")
-    violations = run.audited(ev.SANDBOX_VIOLATION)
+    violations = run.audited(ev.SandboxViolation.KIND)
     assert violations == ([{"step_id": "a", "kind": "seccomp"}]
                           if scripted.violation else [])
 
@@ -237,7 +237,7 @@ def test_environment_lost_mid_run_is_exit_6(rig: EngineRig, where: str) -> None:
     assert run.state["status"] == "failed"
     assert run.state["steps"]["b"]["reason"] == str(run.error)
     assert run.runner.closed and run.guard.closed and run.finished
-    finished = run.audited(ev.STEP_FINISHED)[-1]
+    finished = run.audited(ev.StepFinished.KIND)[-1]
     assert (finished["step_id"], finished["status"], finished["exit_code"]) == (
         "b", "failed", None)
 
@@ -257,8 +257,8 @@ def test_usd_budget_reached_mid_plan_halts_with_exit_5(rig: EngineRig) -> None:
     state = run.state
     assert (state["status"], state["reason"]) == ("budget_exhausted", "budget exhausted: usd")
     assert state["cost"]["totals"]["usd"] == 1.0 and state["cost"]["totals"]["tokens"] == 5
-    assert run.audited(ev.BUDGET_HALT) == [{"reason": "budget exhausted: usd"}]
-    remaining = [r["value"] for r in run.audited(ev.BUDGET_REMAINING) if r["unit"] == "usd"]
+    assert run.audited(ev.BudgetHalt.KIND) == [{"reason": "budget exhausted: usd"}]
+    remaining = [r["value"] for r in run.audited(ev.BudgetRemaining.KIND) if r["unit"] == "usd"]
     assert remaining == [0.4, 0.0]
 
 
@@ -269,7 +269,7 @@ def test_budget_reached_by_the_last_step_still_succeeds(rig: EngineRig) -> None:
     run = rig.run(root, runner=runner)
     assert run.code == EXIT_OK
     assert run.state["status"] == "succeeded" and run.state["cost"]["totals"]["usd"] == 1.0
-    assert run.audited(ev.BUDGET_HALT) == []
+    assert run.audited(ev.BudgetHalt.KIND) == []
 
 
 def test_wall_reservation_cut_is_a_budget_failure(rig: EngineRig) -> None:
@@ -283,7 +283,7 @@ def test_wall_reservation_cut_is_a_budget_failure(rig: EngineRig) -> None:
     assert run.state["steps"]["a"]["reason"] == "budget: wall_seconds reservation"
     assert (run.state["status"], run.state["reason"]) == (
         "budget_exhausted", "budget: wall_seconds reservation")
-    assert run.audited(ev.BUDGET_HALT) == [{"reason": "budget: wall_seconds reservation"}]
+    assert run.audited(ev.BudgetHalt.KIND) == [{"reason": "budget: wall_seconds reservation"}]
 
 
 def test_cpu_reservation_cut_is_a_budget_failure(rig: EngineRig) -> None:
@@ -295,7 +295,7 @@ def test_cpu_reservation_cut_is_a_budget_failure(rig: EngineRig) -> None:
     assert run.code == EXIT_BUDGET
     assert run.state["steps"]["a"]["reason"] == "budget: cpu_seconds reservation"
     assert run.state["status"] == "budget_exhausted"
-    assert run.audited(ev.SANDBOX_VIOLATION) == []
+    assert run.audited(ev.SandboxViolation.KIND) == []
 
 
 # -- kill --------------------------------------------------------------------------
@@ -319,8 +319,8 @@ def test_global_kill_flag_refuses_before_any_input_is_read(tmp_path: Path,
     assert_nothing_ran(run)
     assert preflight.plans == []
     assert not (root / "state.json").exists()
-    assert run.kinds() == [ev.KILL_SWITCH]
-    assert run.audited(ev.KILL_SWITCH) == [{"engaged": True, "flag": "KILL", "scope": "global"}]
+    assert run.kinds() == [ev.KillSwitch.KIND]
+    assert run.audited(ev.KillSwitch.KIND) == [{"engaged": True, "flag": "KILL", "scope": "global"}]
 
 
 def test_step_killed_mid_run_halts_with_exit_4(rig: EngineRig) -> None:
@@ -337,7 +337,8 @@ def test_step_killed_mid_run_halts_with_exit_4(rig: EngineRig) -> None:
     assert not (root / "artefacts" / "b.txt").exists()
     assert not list((root / "links").glob("b.*.link"))
     assert guard.steps("after") == ["a", "b"]  # released even though killed
-    assert run.audited(ev.RUN_FINISHED) == [{"status": "killed", "reason": "kill switch KILL.b"}]
+    assert run.audited(ev.RunFinished.KIND) == [
+        {"status": "killed", "reason": "kill switch KILL.b"}]
 
 
 @pytest.mark.parametrize("flag", ["KILL", "KILL.b"])
@@ -385,7 +386,7 @@ def test_resume_reruns_only_what_did_not_succeed_and_keeps_the_cost(rig: EngineR
     for unit, value in before["cost"]["totals"].items():
         assert after["cost"]["totals"][unit] >= value, unit
     assert after["seq"] > before["seq"]
-    started = second.audited(ev.RUN_STARTED)
+    started = second.audited(ev.RunStarted.KIND)
     assert [(s["steps"], s["steps_done"]) for s in started] == [(3, 1)]
     # The same chain, continued: the first run's records untouched, then linked to.
     assert second.audit_before == len(first_records)
@@ -407,9 +408,9 @@ def test_succeeded_plan_runs_nothing_and_exits_0(rig: EngineRig) -> None:
     assert (again.runner.calls, again.runner_made, again.guard.request) == ([], False, None)
     assert (root / "state.json").read_bytes() == state
     assert again.preflight.plans == ["flow"]  # the environment is still checked first
-    assert again.audited(ev.RUN_FINISHED) == [{"status": "succeeded",
+    assert again.audited(ev.RunFinished.KIND) == [{"status": "succeeded",
                                                "reason": "already succeeded"}]
-    assert ev.STEP_STARTED not in again.kinds()
+    assert ev.StepStarted.KIND not in again.kinds()
 
 
 def test_resume_after_the_budget_is_spent_runs_nothing_more(rig: EngineRig) -> None:
@@ -455,7 +456,7 @@ def test_kill_outranks_a_failure_whichever_ends_first(rig: EngineRig, first: str
     runner.script[later].during = waits_for(seen)
     guard = ScriptedGuard(killed={"b": "KILL.b"})
     run = rig.run(root, jobs=2, runner=runner, guard=guard, subscribers=[subscriber])
-    assert [f["step_id"] for f in run.audited(ev.STEP_FINISHED)] == [earlier, later]
+    assert [f["step_id"] for f in run.audited(ev.StepFinished.KIND)] == [earlier, later]
     assert run.code == EXIT_KILLED and run.error is None
     assert run.statuses() == {"a": "failed", "b": "killed", "c": "skipped"}
     assert (run.state["status"], run.state["reason"]) == ("killed", "kill switch KILL.b")
@@ -528,7 +529,7 @@ def test_preflight_refusal_runs_nothing(rig: EngineRig) -> None:
     assert_nothing_ran(run)
     assert run.preflight.plans == ["flow"]
     assert not (root / "state.json").exists()
-    assert [r["kind"] for r in run.audit] == [ev.VERIFICATION]
+    assert [r["kind"] for r in run.audit] == [ev.Verification.KIND]
 
 
 # -- expiry against the fixed clock --------------------------------------------------
@@ -549,7 +550,7 @@ def test_plan_expired_by_the_engine_clock_is_refused(rig: EngineRig, hours: floa
     assert state["steps"] == {"a": {"status": "pending", "exit_code": None, "attempts": 0,
                                     "started": None, "finished": None, "reason": None,
                                     "products": {}, "token_accessors": []}}
-    rejection = run.audited(ev.REJECTION)
+    rejection = run.audited(ev.Rejection.KIND)
     assert len(rejection) == 1 and rejection[0]["message"] == str(run.error)
 
 
@@ -589,10 +590,10 @@ def test_jobs_2_starts_ready_steps_in_id_order_two_at_a_time(rig: EngineRig) -> 
                              "b": Scripted(during=lambda spec: both.wait())})
     run = rig.run(root, jobs=2, runner=runner)
     assert run.code == EXIT_OK
-    assert [s["step_id"] for s in run.audited(ev.STEP_STARTED)] == ["a", "b", "c", "d"]
+    assert [s["step_id"] for s in run.audited(ev.StepStarted.KIND)] == ["a", "b", "c", "d"]
     assert runner.max_running == 2  # a and b ran at once, never c with them
     assert run.runner.materials["d"] == {f"{s}.txt": product_of(s) for s in "abc"}
-    assert run.audited(ev.RUN_STARTED)[0]["jobs"] == 2
+    assert run.audited(ev.RunStarted.KIND)[0]["jobs"] == 2
 
 
 def test_jobs_2_reservations_split_the_budget(rig: EngineRig) -> None:
@@ -623,8 +624,8 @@ def test_jobs_2_records_the_same_results_as_jobs_1_whatever_finishes_first(
     seen, subscriber = after_finished("c")
     parallel = rig.run(rig.root(_fan(), name="parallel"), jobs=2, runner=runner(seen),
                        subscribers=[subscriber])
-    assert [f["step_id"] for f in serial.audited(ev.STEP_FINISHED)] == ["a", "b", "c", "d"]
-    finish_order = [f["step_id"] for f in parallel.audited(ev.STEP_FINISHED)]
+    assert [f["step_id"] for f in serial.audited(ev.StepFinished.KIND)] == ["a", "b", "c", "d"]
+    finish_order = [f["step_id"] for f in parallel.audited(ev.StepFinished.KIND)]
     assert finish_order.index("c") < finish_order.index("a")
     assert serial.code == parallel.code == EXIT_OK
     assert _outcome(serial) == _outcome(parallel)
@@ -643,7 +644,7 @@ def test_more_steps_at_once_than_uids_run_one_uid_at_a_time(rig: EngineRig) -> N
     assert run.statuses() == {"a": "succeeded", "b": "succeeded", "c": "succeeded"}
     assert run.runner.max_running == 1
     assert {spec.uid for spec in run.runner.specs.values()} == {base}
-    assert [f["uid"] for f in run.audited(ev.STEP_FINISHED)] == [base, base, base]
+    assert [f["uid"] for f in run.audited(ev.StepFinished.KIND)] == [base, base, base]
 
 
 def test_input_growing_while_copied_is_refused_before_anything_runs(
@@ -667,4 +668,4 @@ def test_input_growing_while_copied_is_refused_before_anything_runs(
     assert "grew while being copied" in str(run.error)
     assert_nothing_ran(run)
     assert run.state["status"] == "rejected"
-    assert run.audited(ev.REJECTION)[0]["message"] == str(run.error)
+    assert run.audited(ev.Rejection.KIND)[0]["message"] == str(run.error)

@@ -21,8 +21,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from haios import errors, events, metrics
+from haios import errors, events
 from haios.errors import EnvironmentUnavailableError, InternalError, PathError
+from tests.event_support import event
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -32,10 +33,11 @@ from haios.metrics import (
     PROFILE_LABELS_MAX,
     REJECTION_REASONS,
     MetricsRecorder,
-    _QuietHandler,
     is_loopback_host,
     parse_metrics_addr,
 )
+from haios.metrics import server as metrics_server
+from haios.metrics.server import _QuietHandler
 
 REPO = Path(__file__).resolve().parents[2]
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
@@ -127,7 +129,7 @@ def dir_fd(tmp_path: Path) -> Iterator[int]:
 
 
 def publish(recorder: MetricsRecorder, event_kind: str, /, **fields: object) -> None:
-    recorder.on_event(events.Event(event_kind, fields))
+    recorder.on_event(event(event_kind, **fields))
 
 
 # -- the contract's metric set ----------------------------------------------------
@@ -195,8 +197,8 @@ def test_every_error_reason_is_an_allowed_rejection_reason() -> None:
 
 
 def test_verifications(recorder: MetricsRecorder) -> None:
-    publish(recorder, events.VERIFICATION, kind="plan", result="ok", subject="exec_plan.json")
-    publish(recorder, events.VERIFICATION, kind="link", result="fail", subject="links/a.link")
+    publish(recorder, events.Verification.KIND, kind="plan", result="ok", subject="exec_plan.json")
+    publish(recorder, events.Verification.KIND, kind="link", result="fail", subject="links/a.link")
     assert value(recorder, "haios_verifications_total", kind="plan", result="ok") == 1
     assert value(recorder, "haios_verifications_total", kind="link", result="fail") == 1
     assert value(recorder, "haios_verifications_total", kind="link", result="ok") == 0
@@ -216,19 +218,19 @@ def test_verifications(recorder: MetricsRecorder) -> None:
 def test_rejections_use_the_fixed_reason_list(
     recorder: MetricsRecorder, reason: object, label: str
 ) -> None:
-    publish(recorder, events.REJECTION, reason=reason, message="/etc/secret path in text")
+    publish(recorder, events.Rejection.KIND, reason=reason, message="/etc/secret path in text")
     assert value(recorder, "haios_rejections_total", reason=label) == 1
     assert b"haios_injected" not in recorder.render()
 
 
 def test_step_lifecycle(recorder: MetricsRecorder) -> None:
-    publish(recorder, events.STEP_STARTED, step_id="a", profile="default", attempt=1, uid=1)
-    publish(recorder, events.STEP_STARTED, step_id="b", profile="network", attempt=1, uid=1)
-    publish(recorder, events.STEP_STARTED, step_id="b", profile="network", attempt=1, uid=1)
+    publish(recorder, events.StepStarted.KIND, step_id="a", profile="default", attempt=1)
+    publish(recorder, events.StepStarted.KIND, step_id="b", profile="network", attempt=1)
+    publish(recorder, events.StepStarted.KIND, step_id="b", profile="network", attempt=1)
     assert value(recorder, "haios_steps_running") == 2
     publish(
         recorder,
-        events.STEP_FINISHED,
+        events.StepFinished.KIND,
         step_id="a",
         status="succeeded",
         exit_code=0,
@@ -248,7 +250,7 @@ def test_skipped_step_counts_without_duration_or_running_change(
 ) -> None:
     publish(
         recorder,
-        events.STEP_FINISHED,
+        events.StepFinished.KIND,
         step_id="never",
         status="skipped",
         exit_code=None,
@@ -268,7 +270,7 @@ def test_profile_labels_are_names_and_capped(recorder: MetricsRecorder) -> None:
     for profile in profiles:
         publish(
             recorder,
-            events.STEP_FINISHED,
+            events.StepFinished.KIND,
             step_id="s",
             status="failed",
             exit_code=1,
@@ -284,8 +286,8 @@ def test_profile_labels_are_names_and_capped(recorder: MetricsRecorder) -> None:
 
 
 def test_sandbox_violations(recorder: MetricsRecorder) -> None:
-    publish(recorder, events.SANDBOX_VIOLATION, step_id="s", kind="seccomp")
-    publish(recorder, events.SANDBOX_VIOLATION, step_id="s", kind="ptrace attempt on pid 7")
+    publish(recorder, events.SandboxViolation.KIND, step_id="s", kind="seccomp")
+    publish(recorder, events.SandboxViolation.KIND, step_id="s", kind="ptrace attempt on pid 7")
     assert value(recorder, "haios_sandbox_violations_total", kind="seccomp") == 1
     assert value(recorder, "haios_sandbox_violations_total", kind="other") == 1
 
@@ -294,7 +296,7 @@ def test_cost_totals_per_unit(recorder: MetricsRecorder) -> None:
     for _ in range(2):
         publish(
             recorder,
-            events.COST_RECORDED,
+            events.CostRecorded.KIND,
             step_id="s",
             cpu_seconds=0.25,
             wall_seconds=1.5,
@@ -309,29 +311,30 @@ def test_cost_totals_per_unit(recorder: MetricsRecorder) -> None:
 
 def test_budget_remaining(recorder: MetricsRecorder) -> None:
     assert value(recorder, "haios_budget_remaining", unit="usd") == math.inf
-    publish(recorder, events.BUDGET_REMAINING, unit="usd", value=Decimal("1.25"))
-    publish(recorder, events.BUDGET_REMAINING, unit="tokens", value=0)
-    publish(recorder, events.BUDGET_REMAINING, unit="cpu_seconds", value=None)
+    publish(recorder, events.BudgetRemaining.KIND, unit="usd", value=Decimal("1.25"))
+    publish(recorder, events.BudgetRemaining.KIND, unit="tokens", value=0)
+    publish(recorder, events.BudgetRemaining.KIND, unit="cpu_seconds", value=None)
     assert value(recorder, "haios_budget_remaining", unit="usd") == 1.25
     assert value(recorder, "haios_budget_remaining", unit="tokens") == 0
     assert value(recorder, "haios_budget_remaining", unit="cpu_seconds") == math.inf
 
 
 def test_kill_switch_and_kills(recorder: MetricsRecorder) -> None:
-    publish(recorder, events.KILL_SWITCH, engaged=True, flag="control/KILL")
+    publish(recorder, events.KillSwitch.KIND, engaged=True, flag="control/KILL")
     assert value(recorder, "haios_kill_switch_engaged") == 1
     publish(
         recorder,
-        events.KILL,
+        events.Kill.KIND,
         scope="global",
         flag="control/KILL",
         step_id="s",
         latency_seconds=0.004,
     )
     publish(
-        recorder, events.KILL, scope="engine_lost", flag=None, step_id="t", latency_seconds=None
+        recorder, events.Kill.KIND, scope="engine_lost", flag="engine_lost", step_id="t",
+        latency_seconds=None,
     )
-    publish(recorder, events.KILL_SWITCH, engaged=False, flag="control/KILL")
+    publish(recorder, events.KillSwitch.KIND, engaged=False, flag="control/KILL")
     assert value(recorder, "haios_kill_switch_engaged") == 0
     assert value(recorder, "haios_kills_total", scope="global") == 1
     assert value(recorder, "haios_kills_total", scope="engine_lost") == 1
@@ -341,26 +344,26 @@ def test_kill_switch_and_kills(recorder: MetricsRecorder) -> None:
 
 
 def test_vault_tokens(recorder: MetricsRecorder) -> None:
-    publish(recorder, events.VAULT_TOKEN_ISSUED, step_id="s", accessor="acc-123", ttl_seconds=60)
-    publish(recorder, events.VAULT_TOKEN_ISSUED, step_id="t", accessor="acc-456", ttl_seconds=60)
-    publish(recorder, events.VAULT_TOKEN_REVOKED, step_id="s", accessor="acc-123")
-    publish(recorder, events.VAULT_REVOKE_FAILED, step_id="t", accessor="acc-456", message="503")
+    publish(recorder, events.VaultTokenIssued.KIND, step_id="s", accessor="acc-123", ttl_seconds=60)
+    publish(recorder, events.VaultTokenIssued.KIND, step_id="t", accessor="acc-456", ttl_seconds=60)
+    publish(recorder, events.VaultTokenRevoked.KIND, step_id="s", accessor="acc-123")
+    publish(recorder, events.VaultRevokeFailed.KIND, step_id="t", accessor="acc-456", message="503")
     assert value(recorder, "haios_vault_tokens_issued_total") == 2
     assert value(recorder, "haios_vault_tokens_revoked_total") == 1
     assert b"acc-" not in recorder.render()
 
 
 def test_run_finished(recorder: MetricsRecorder) -> None:
-    publish(recorder, events.RUN_FINISHED, status="budget_exhausted", reason="usd")
+    publish(recorder, events.RunFinished.KIND, status="budget_exhausted", reason="usd")
     assert value(recorder, "haios_plan_runs_total", outcome="budget_exhausted") == 1
 
 
 def test_kinds_without_metrics_and_unknown_kinds_are_ignored(recorder: MetricsRecorder) -> None:
     before = recorder.render()
-    publish(recorder, events.RUN_STARTED, plan_id="p", plan_sha256="0" * 64, jobs=1)
-    publish(recorder, events.BUDGET_HALT, unit="usd", step_id="s")
-    publish(recorder, events.PRODUCT_RECORDED, step_id="s", name="a", sha256="0", size=1)
-    publish(recorder, "from.the.future", anything=object())
+    publish(recorder, events.RunStarted.KIND, plan_id="p", plan_sha256="0" * 64, jobs=1)
+    publish(recorder, events.BudgetHalt.KIND, reason="budget exhausted: usd")
+    publish(recorder, events.ProductRecorded.KIND, step_id="s", name="a", sha256="0", size=1)
+    publish(recorder, "from.the.future")
     after = recorder.render()
     strip = re.compile(rb"^haios_\w+_created.*$", re.MULTILINE)
     assert strip.sub(b"", before) == strip.sub(b"", after)
@@ -369,20 +372,20 @@ def test_kinds_without_metrics_and_unknown_kinds_are_ignored(recorder: MetricsRe
 @pytest.mark.parametrize(
     ("kind", "fields"),
     [
-        (events.VERIFICATION, {"kind": "plan", "result": "maybe"}),
-        (events.VERIFICATION, {"kind": "exec_plan.json", "result": "ok"}),
-        (events.STEP_FINISHED, {"step_id": "s", "status": "exploded", "wall_seconds": 1}),
-        (events.STEP_FINISHED, {"step_id": "s", "status": "failed", "wall_seconds": -1}),
-        (events.STEP_FINISHED, {"step_id": "s", "status": "failed", "wall_seconds": "1"}),
-        (events.KILL, {"scope": "galaxy"}),
-        (events.KILL, {"scope": "step", "latency_seconds": math.nan}),
-        (events.COST_RECORDED, {"usd": -1}),
-        (events.COST_RECORDED, {"tokens": True}),
-        (events.COST_RECORDED, {"cpu_seconds": math.inf}),
-        (events.BUDGET_REMAINING, {"unit": "euros", "value": 1}),
-        (events.BUDGET_REMAINING, {"unit": "usd", "value": math.nan}),
-        (events.KILL_SWITCH, {"engaged": "yes"}),
-        (events.RUN_FINISHED, {"status": "done"}),
+        (events.Verification.KIND, {"kind": "plan", "result": "maybe"}),
+        (events.Verification.KIND, {"kind": "exec_plan.json", "result": "ok"}),
+        (events.StepFinished.KIND, {"step_id": "s", "status": "exploded", "wall_seconds": 1}),
+        (events.StepFinished.KIND, {"step_id": "s", "status": "failed", "wall_seconds": -1}),
+        (events.StepFinished.KIND, {"step_id": "s", "status": "failed", "wall_seconds": "1"}),
+        (events.Kill.KIND, {"scope": "galaxy"}),
+        (events.Kill.KIND, {"scope": "step", "latency_seconds": math.nan}),
+        (events.CostRecorded.KIND, {"usd": -1}),
+        (events.CostRecorded.KIND, {"tokens": True}),
+        (events.CostRecorded.KIND, {"cpu_seconds": math.inf}),
+        (events.BudgetRemaining.KIND, {"unit": "euros", "value": 1}),
+        (events.BudgetRemaining.KIND, {"unit": "usd", "value": math.nan}),
+        (events.KillSwitch.KIND, {"engaged": "yes"}),
+        (events.RunFinished.KIND, {"status": "done"}),
     ],
 )
 def test_values_outside_the_contract_are_publisher_bugs(
@@ -394,22 +397,22 @@ def test_values_outside_the_contract_are_publisher_bugs(
 
 def test_no_label_carries_a_step_id_plan_id_or_path(recorder: MetricsRecorder) -> None:
     step_id, plan_id, root = "step-zz9", "plan-qq7", "/srv/os_root_abc"
-    publish(recorder, events.RUN_STARTED, plan_id=plan_id, plan_sha256="0" * 64, jobs=1)
+    publish(recorder, events.RunStarted.KIND, plan_id=plan_id, plan_sha256="0" * 64, jobs=1)
     publish(
         recorder,
-        events.VERIFICATION,
+        events.Verification.KIND,
         kind="artefact",
         result="fail",
         subject=f"{root}/inbox/{step_id}",
     )
-    publish(recorder, events.REJECTION, reason=f"{root}/exec_plan.json", message=step_id)
+    publish(recorder, events.Rejection.KIND, reason=f"{root}/exec_plan.json", message=step_id)
     publish(
-        recorder, events.STEP_STARTED, step_id=step_id, profile=step_id.upper(), attempt=1, uid=1
+        recorder, events.StepStarted.KIND, step_id=step_id, profile=step_id.upper(), attempt=1
     )
-    publish(recorder, events.SANDBOX_VIOLATION, step_id=step_id, kind=f"{root}/x")
+    publish(recorder, events.SandboxViolation.KIND, step_id=step_id, kind=f"{root}/x")
     publish(
         recorder,
-        events.STEP_FINISHED,
+        events.StepFinished.KIND,
         step_id=step_id,
         status="killed",
         exit_code=None,
@@ -419,13 +422,13 @@ def test_no_label_carries_a_step_id_plan_id_or_path(recorder: MetricsRecorder) -
     )
     publish(
         recorder,
-        events.KILL,
+        events.Kill.KIND,
         scope="step",
         flag=f"{root}/control/KILL.{step_id}",
         step_id=step_id,
         latency_seconds=0.01,
     )
-    publish(recorder, events.RUN_FINISHED, status="killed", reason=plan_id)
+    publish(recorder, events.RunFinished.KIND, status="killed", reason=plan_id)
     for family in text_string_to_metric_families(recorder.render().decode()):
         for sample in family.samples:
             for label_value in sample.labels.values():
@@ -441,7 +444,7 @@ def test_serve_is_scraped_over_http(recorder: MetricsRecorder) -> None:
     try:
         host, port = server.address
         assert host == "127.0.0.1"
-        publish(recorder, events.RUN_FINISHED, status="succeeded", reason=None)
+        publish(recorder, events.RunFinished.KIND, status="succeeded", reason=None)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             assert response.status == 200
             text = response.read().decode()
@@ -484,7 +487,7 @@ def test_idle_scrape_clients_are_dropped(
 def test_clients_past_the_cap_are_hung_up_on(
     recorder: MetricsRecorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(metrics, "SCRAPE_CLIENTS_MAX", 3)
+    monkeypatch.setattr(metrics_server, "SCRAPE_CLIENTS_MAX", 3)
     monkeypatch.setattr(_QuietHandler, "timeout", 30.0)
     server = recorder.serve("127.0.0.1", 0)
     try:
@@ -517,7 +520,7 @@ def test_write_textfile_writes_parseable_private_file(
     recorder: MetricsRecorder, dir_fd: int, tmp_path: Path
 ) -> None:
     (tmp_path / METRICS_FILE_NAME).write_text("old")
-    publish(recorder, events.RUN_FINISHED, status="failed", reason="step_failed")
+    publish(recorder, events.RunFinished.KIND, status="failed", reason="step_failed")
     recorder.write_textfile(dir_fd)
     path = tmp_path / METRICS_FILE_NAME
     assert path.read_bytes() == recorder.render()
@@ -714,7 +717,7 @@ def test_alert_rules_fire_as_intended(tmp_path: Path) -> None:
 def test_metrics_text_passes_promtool_check_metrics(recorder: MetricsRecorder) -> None:
     publish(
         recorder,
-        events.STEP_FINISHED,
+        events.StepFinished.KIND,
         step_id="s",
         status="succeeded",
         exit_code=0,
