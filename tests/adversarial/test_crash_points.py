@@ -3,7 +3,7 @@
 
 Attacker: the power switch, the OOM killer, an operator's SIGKILL. The
 engine is killed (SIGKILL) at the N-th persistence point of a run, for every
-N the run reaches: each fsync and each rename, counted across all threads
+N the run reaches: each fsync, syncfs and rename, counted across all threads
 by a wrapper around the real engine (test code only; nothing in haios knows
 about it). Expected after each crash:
 
@@ -35,7 +35,7 @@ from tests.world import World, plan, py, read_json, sh, step
 POOL = range(600_000, 600_000 + 65_536)
 CGROUP_V1 = (Path("/sys/fs/cgroup/memory/haios"), Path("/sys/fs/cgroup/pids/haios"))
 
-#: runs haios, SIGKILLs itself at the N-th fsync/rename of any thread
+#: runs haios, SIGKILLs itself at the N-th fsync/syncfs/rename of any thread
 CRASHER = r"""
 import os, signal, sys, threading
 limit = int(sys.argv[1])
@@ -52,6 +52,8 @@ def counted(real):
     return call
 for name in ("fsync", "rename", "replace"):
     setattr(os, name, counted(getattr(os, name)))
+from haios._util import durability  # the barrier's syncfs is a persistence point too
+durability.syncfs = counted(durability.syncfs)
 import atexit
 atexit.register(lambda: sys.stderr.write(f"persistence points: {count[0]}\n"))
 sys.argv = ["haios", *sys.argv[2:]]
