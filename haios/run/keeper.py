@@ -20,11 +20,11 @@ from typing import Any
 from haios._util.durability import Barrier
 from haios.models.common import format_rfc3339
 from haios.models.plan import ExecPlan
-from haios.models.state import STATE_SCHEMA, CostTotals, PlanStatus, RunState
+from haios.models.state import STATE_SCHEMA, CostTotals, PlanStatus, RunState, StepState
 from haios.osroot import STATE_FILE, OsRoot
 from haios.run.steps import StepRecord
 from haios.signing import EngineSigner
-from haios.state.store import write_signed
+from haios.state.store import write_signed_document
 
 
 class StateKeeper:
@@ -48,6 +48,8 @@ class StateKeeper:
         }
         self.totals = prior.cost.totals if prior else CostTotals()
         self.sessions: list[str] = list(prior.vault_sessions) if prior else []
+        #: step id -> its validated `steps.<id>` entry, as last committed
+        self._entries: dict[str, dict[str, Any]] = {}
         self._audit_head = audit_head
         self._written = written
         self._first = True
@@ -62,16 +64,30 @@ class StateKeeper:
         return (*self.sessions,
                 *(a for record in self.steps.values() for a in record.token_accessors))
 
-    def document(self, now: dt.datetime) -> RunState:
-        """The current state as a model (validated)."""
-        return RunState.model_validate({
+    def document(self, now: dt.datetime) -> dict[str, Any]:
+        """The current state as a JSON document, validated.
+
+        The top level is validated whole; a step's entry only when its
+        record changed since the last validation (`StepRecord.changed`), so
+        a commit costs the same at step 10 and at step 1,000, apart from
+        serialising and signing the bytes.
+        """
+        for step_id, record in self.steps.items():
+            if record.changed:
+                entry = record.to_json()
+                StepState.model_validate(entry)
+                self._entries[step_id] = entry
+                record.changed = False
+        top = RunState.model_validate({
             "schema": STATE_SCHEMA, "plan_id": self.plan_id, "plan_sha256": self.plan_sha256,
-            "status": self.status, "reason": self.reason,
-            "steps": {step_id: record.to_json() for step_id, record in self.steps.items()},
+            "status": self.status, "reason": self.reason, "steps": {},
             "cost": {"totals": self.totals.model_dump(mode="json")},
             "updated": format_rfc3339(now), "seq": self.seq,
             "audit": self._audit_head(), "vault_sessions": self.sessions,
         })
+        document = top.model_dump(mode="json", by_alias=True)
+        document["steps"] = {step_id: self._entries[step_id] for step_id in self.steps}
+        return document
 
     def commit(self) -> dict[str, Any]:
         """Publish the state atomically with a fresh engine signature; return it."""
@@ -79,8 +95,8 @@ class StateKeeper:
             if self.barrier is not None:
                 self.barrier.flush()  # what the state refers to is durable first
             self.seq += 1
-            document = write_signed(self.osr.root, STATE_FILE, self.document(self.clock()),
-                                    self.signer)
+            document = write_signed_document(self.osr.root, STATE_FILE,
+                                             self.document(self.clock()), self.signer)
             if self._first:  # the audit log is now covered by a signed state
                 self._written()
                 self._first = False

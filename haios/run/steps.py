@@ -53,6 +53,8 @@ class StepRecord:
     reason: str | None = None
     products: dict[str, str] = dataclasses.field(default_factory=dict)
     token_accessors: list[str] = dataclasses.field(default_factory=list)
+    #: changed since the keeper last validated it (every mutator sets it)
+    changed: bool = dataclasses.field(default=True, compare=False, repr=False)
 
     @classmethod
     def from_state(cls, step_id: str, state: StepState | None) -> StepRecord:
@@ -67,6 +69,7 @@ class StepRecord:
         if to not in TRANSITIONS[self.status]:
             raise InternalError(f"step {self.step_id}: illegal transition {self.status} -> {to}")
         self.status = to
+        self.changed = True
 
     def reopen(self) -> None:
         """A resumed plan runs this step again (no-op for a succeeded step)."""
@@ -105,11 +108,13 @@ class StepRecord:
     def add_accessor(self, accessor: str) -> None:
         """A Vault token accessor, durable before the token exists."""
         self.token_accessors.append(accessor)
+        self.changed = True
 
     def keep_accessors(self, unrevoked: Iterable[str]) -> None:
         """Forget the accessors revoked; keep those still outstanding."""
         outstanding = set(unrevoked)
         self.token_accessors = [a for a in self.token_accessors if a in outstanding]
+        self.changed = True
 
     def to_json(self) -> dict[str, Any]:
         """The record as the state document's `steps.<id>` object."""

@@ -67,6 +67,13 @@ def write_signed(directory: SafeDir, name: str, model: BaseModel, signer: Engine
     Side Effects:
         Atomic replace of `name` in `directory` (temp, fsync, rename, fsync dir).
     """
-    document = signer.embed(model.model_dump(mode="json", by_alias=True))
-    directory.write_atomic(name, dump_json(document))
-    return document
+    return write_signed_document(directory, name, model.model_dump(mode="json", by_alias=True),
+                                 signer)
+
+
+def write_signed_document(directory: SafeDir, name: str, document: dict[str, Any],
+                          signer: EngineSigner) -> dict[str, Any]:
+    """As `write_signed`, for a document the caller already validated (JSON types only)."""
+    signed = signer.embed(document)
+    directory.write_atomic(name, dump_json(signed))
+    return signed
