@@ -72,6 +72,7 @@ import secrets
 import stat
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Final
 
 from haios._util.clock import wall_clock
@@ -123,11 +124,13 @@ class UidLease:
         gid: the leased group id (always equal to `uid`).
     """
 
-    def __init__(self, uid: int, fd: int) -> None:
+    def __init__(self, uid: int, fd: int,
+                 on_release: Callable[[int], None] | None = None) -> None:
         self.uid: Final = uid
         self.gid: Final = uid
         self._fd = fd
         self._guard = threading.Lock()
+        self._on_release = on_release
 
     @property
     def released(self) -> bool:
@@ -152,6 +155,8 @@ class UidLease:
         # The guard makes the close happen once: closing a number twice could
         # close a descriptor another thread has opened since.
         _unlock_and_close(fd, clear_note=True)
+        if self._on_release is not None:
+            self._on_release(self.uid)
 
     def __enter__(self) -> UidLease:
         return self
@@ -168,7 +173,8 @@ class UidPool:
     """The host's pool of step uids `[base, base + count)`, shared through `lease_dir`.
 
     Thread-safe: any number of threads (and engines) may call `lease` at
-    once; the pool keeps no per-lease state of its own.
+    once; the pool keeps no per-lease state of its own, only a short list
+    of the uids it released cleanly, tried first (they need no /proc scan).
 
     Attributes:
         base: the first uid of the range.
@@ -216,6 +222,9 @@ class UidPool:
         self.count: Final = count
         self._dir = lease_dir
         self._warned_lock = threading.Lock()
+        #: uids this pool released cleanly, oldest first (at most _WARM_MAX)
+        self._warm: list[int] = []
+        self._warm_lock = threading.Lock()
         self._warned: set[int] = set()
 
     def lease(self, timeout_seconds: float) -> UidLease:
@@ -267,12 +276,33 @@ class UidPool:
             f"process (waited {timeout_seconds:g}s){detail}"
         )
 
-    def _sweep(self) -> tuple[UidLease | None, int]:
-        """One pass over the range; (a lease or None, unusable lease files seen)."""
+    def _note_released(self, uid: int) -> None:
+        """Remember a uid this pool released cleanly, to try it first next time."""
+        with self._warm_lock:
+            if uid in self._warm:
+                self._warm.remove(uid)
+            self._warm.append(uid)
+            del self._warm[:-_WARM_MAX]
+
+    def _candidates(self) -> Iterator[int]:
+        """The uids to try, in order: this pool's recently released ones (the
+        newest first: their lease file says released, so no /proc scan is
+        needed), then the whole range from a random offset (so engines
+        spread out)."""
+        with self._warm_lock:
+            warm = self._warm[::-1]
+        yield from warm
+        tried = set(warm)
         start = secrets.randbelow(self.count)
-        unusable = 0
         for step in range(self.count):
             uid = self.base + (start + step) % self.count
+            if uid not in tried:
+                yield uid
+
+    def _sweep(self) -> tuple[UidLease | None, int]:
+        """One pass over the range; (a lease or None, unusable lease files seen)."""
+        unusable = 0
+        for uid in self._candidates():
             fd = self._lock(uid)
             if fd is _Skip.UNUSABLE:
                 unusable += 1
@@ -293,7 +323,7 @@ class UidPool:
                 _unlock_and_close(fd, clear_note=False)
                 continue
             _write_note(fd)
-            return UidLease(uid, fd), unusable
+            return UidLease(uid, fd, self._note_released), unusable
         return None, unusable
 
     def _lock(self, uid: int) -> int | _Skip:
@@ -368,6 +398,9 @@ class UidPool:
             _log.warning("%s: %s; uid %d is never leased while it is there", label, why, uid)
         return _Skip.UNUSABLE
 
+
+#: how many recently released uids a pool tries before sweeping the range
+_WARM_MAX: Final = 64
 
 #: what a holder writes when it releases after its step's tree is gone
 RELEASED: Final = b"released\n"

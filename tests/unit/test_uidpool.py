@@ -515,3 +515,42 @@ def test_pool_range_over_a_subordinate_id_range_is_refused(
 def test_pool_range_with_the_overflow_id_is_refused() -> None:
     with pytest.raises(SandboxSetupError, match="overflow id 65534"):
         check_pool_range(65_000, 1000)
+
+
+def test_a_uid_released_cleanly_is_leased_again_first_without_a_proc_scan(
+        lease_dir: SafeDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = UidPool(lease_dir, BASE, 100)
+    first = pool.lease(0)
+    first.release()
+    scans: list[int] = []
+    real = uidpool._pid_using_id
+
+    def counted(ident: int) -> int | None:
+        scans.append(ident)
+        return real(ident)
+
+    monkeypatch.setattr(uidpool, "_pid_using_id", counted)
+    again = pool.lease(0)
+    assert again.uid == first.uid  # the warm uid first, out of 1000
+    assert scans == []  # its lease file said released: no /proc scan
+    other = pool.lease(0)  # the warm uid is held: the sweep goes on, scanning
+    assert other.uid != first.uid and scans == [other.uid]
+    again.release()
+    other.release()
+
+
+def test_a_warm_uid_used_by_a_live_process_is_still_skipped(
+        lease_dir: SafeDir, processes: list[subprocess.Popen[str]]) -> None:
+    pool = UidPool(lease_dir, BASE, 2)
+    lease = pool.lease(0)
+    uid = lease.uid
+    lease.release()
+    # A process running as that uid after all, and a lease file that no
+    # longer says released (a holder that died leaves its note): the warm
+    # uid is tried first, scanned, and skipped.
+    (dir_path(lease_dir) / str(uid)).write_bytes(b"pid 1 leased\n")
+    holder, ready = start(processes, HOLDER, "all", uid)
+    assert ready == "ready"
+    with pool.lease(0) as taken:
+        assert taken.uid != uid
+    kill(holder)
