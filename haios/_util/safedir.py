@@ -209,6 +209,21 @@ class SafeDir:
         """
         self._publish(name, mode, lambda fd: _write_all(fd, data), barrier)
 
+    def write_atomic_durable_with(self, name: str, data: bytes, barrier: Barrier, *,
+                                  mode: int = 0o644) -> None:
+        """Publish `data` as `name` atomically and durably, with `barrier`'s pending writes.
+
+        The temp file joins the barrier, one flush makes it and everything
+        pending durable, then the rename and an fsync of the directory:
+        the contract's temp, sync, rename, directory sync, with one sync
+        for the whole batch.
+
+        Raises:
+            PathError: an unexpected entry occupies `name`.
+            CopyError: the write or a sync failed.
+        """
+        self._publish(name, mode, lambda fd: _write_all(fd, data), barrier, flush=True)
+
     def write_atomic_from(self, name: str, src_fd: int, size: int, *, mode: int = 0o644,
                           barrier: Barrier | None = None) -> None:
         """Publish the first `size` bytes behind `src_fd` as `name`, atomically.
@@ -231,8 +246,13 @@ class SafeDir:
         self._publish(name, mode, fill, barrier)
 
     def _publish(self, name: str, mode: int, fill: Callable[[int], None],
-                 barrier: Barrier | None) -> None:
-        """Temp file (O_EXCL, no-follow), fill, fsync, rename over `name`, fsync dir."""
+                 barrier: Barrier | None, *, flush: bool = False) -> None:
+        """Temp file (O_EXCL, no-follow), fill, fsync, rename over `name`, fsync dir.
+
+        With a `barrier`, the fsyncs are deferred to it; with `flush` too, the
+        barrier is flushed (this file's data with everything pending) before
+        the rename, and the directory fsynced after it.
+        """
         self.check_replaceable(name)
         tmp = f".{name}.{secrets.token_hex(6)}.tmp"
         try:
@@ -246,6 +266,8 @@ class SafeDir:
                     os.fsync(fd)
                 else:
                     barrier.defer_file(fd)
+                    if flush:
+                        barrier.flush()  # this file and everything pending, together
             except OSError as exc:
                 # A full or failing disk is the environment, not the input.
                 raise CopyError(f"{self.label}/{name}: cannot write ({_reason(exc)})") from exc
@@ -256,7 +278,7 @@ class SafeDir:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self.fd)
             raise
-        if barrier is None:
+        if barrier is None or flush:
             os.fsync(self.fd)
         else:
             barrier.defer_dir(self.fd)

@@ -92,11 +92,12 @@ class StateKeeper:
     def commit(self) -> dict[str, Any]:
         """Publish the state atomically with a fresh engine signature; return it."""
         with self.lock:
-            if self.barrier is not None:
-                self.barrier.flush()  # what the state refers to is durable first
             self.seq += 1
+            # What the state refers to is made durable in the same flush as
+            # the state's own bytes, before the state is renamed into place.
             document = write_signed_document(self.osr.root, STATE_FILE,
-                                             self.document(self.clock()), self.signer)
+                                             self.document(self.clock()), self.signer,
+                                             self.barrier)
             if self._first:  # the audit log is now covered by a signed state
                 self._written()
                 self._first = False

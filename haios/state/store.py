@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from securesystemslib.signer import SSlibKey
 
+from haios._util.durability import Barrier
 from haios._util.safedir import SafeDir
 from haios._util.strict_json import dump_json
 from haios.errors import InputError, TamperedError
@@ -72,8 +73,16 @@ def write_signed(directory: SafeDir, name: str, model: BaseModel, signer: Engine
 
 
 def write_signed_document(directory: SafeDir, name: str, document: dict[str, Any],
-                          signer: EngineSigner) -> dict[str, Any]:
-    """As `write_signed`, for a document the caller already validated (JSON types only)."""
+                          signer: EngineSigner, barrier: Barrier | None = None
+                          ) -> dict[str, Any]:
+    """As `write_signed`, for a document the caller already validated (JSON types only).
+
+    With a `barrier`, the document is made durable in the same flush as
+    everything pending in it, before it is renamed into place.
+    """
     signed = signer.embed(document)
-    directory.write_atomic(name, dump_json(signed))
+    if barrier is None:
+        directory.write_atomic(name, dump_json(signed))
+    else:
+        directory.write_atomic_durable_with(name, dump_json(signed), barrier)
     return signed
