@@ -15,43 +15,25 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import TYPE_CHECKING, Final
+import typing
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 import haios
-
-if TYPE_CHECKING:
-
-    pass
-
+from haios.models.state import CostTotals, PlanStatus, StepStatus
 
 METRICS_FILE_NAME: Final = "metrics.prom"
 
 # -- label values ---------------------------------------------------------------
 # Contract sections 6 and 10 enumerate these; a value outside them is a bug.
-PLAN_OUTCOMES: Final = (
-    "pending",
-    "running",
-    "succeeded",
-    "failed",
-    "killed",
-    "budget_exhausted",
-    "rejected",
-)
-STEP_OUTCOMES: Final = (
-    "pending",
-    "running",
-    "succeeded",
-    "failed",
-    "timed_out",
-    "killed",
-    "skipped",
-)
+# The statuses and cost units come from the types they count.
+PLAN_OUTCOMES: Final[tuple[str, ...]] = typing.get_args(PlanStatus)
+STEP_OUTCOMES: Final[tuple[str, ...]] = typing.get_args(StepStatus)
 VERIFICATION_KINDS: Final = ("plan", "artefact", "link", "digest")
 VERIFICATION_RESULTS: Final = ("ok", "fail")
 KILL_SCOPES: Final = ("global", "step", "engine_lost")
-COST_UNITS: Final = ("cpu_seconds", "wall_seconds", "usd", "tokens")
+COST_UNITS: Final = tuple(CostTotals.model_fields)
 # Not enumerated by the contract, so fixed here (attack catalog 122): the
 # `reason` of every haios.errors class, plus `usage`; anything else is `other`.
 OTHER: Final = "other"
