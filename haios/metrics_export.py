@@ -316,6 +316,6 @@ def write_textfile(directory: str, name: str, data: bytes) -> None:
                 "by group or others"
             )
             raise EnvironmentUnavailableError(msg)
-        write_atomically(dir_fd, name, data, mode=TEXTFILE_MODE)
+        write_atomically(dir_fd, name, data, mode=TEXTFILE_MODE, label=directory)
     finally:
         os.close(dir_fd)

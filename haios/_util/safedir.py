@@ -253,7 +253,10 @@ class SafeDir:
         barrier is flushed (this file's data with everything pending) before
         the rename, and the directory fsynced after it.
         """
+        _check_name(self.label, name)
         self.check_replaceable(name)
+        # The temp name never ends like the real one (a collector reading
+        # `*.prom` never sees a partial file).
         tmp = f".{name}.{secrets.token_hex(6)}.tmp"
         try:
             fd = os.open(tmp, _NEW_FLAGS, mode, dir_fd=self.fd)
@@ -261,6 +264,7 @@ class SafeDir:
             raise PathError(f"{self.label}/{name}: cannot create ({_reason(exc)})") from exc
         try:
             try:
+                os.fchmod(fd, mode)  # exactly `mode`, whatever the umask
                 fill(fd)
                 if barrier is None:
                     os.fsync(fd)
@@ -273,15 +277,26 @@ class SafeDir:
                 raise CopyError(f"{self.label}/{name}: cannot write ({_reason(exc)})") from exc
             finally:
                 os.close(fd)
-            os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            try:
+                # rename replaces a symlink or FIFO planted after the check
+                # without following it; a directory planted since fails.
+                os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            except IsADirectoryError as exc:
+                raise PathError(f"{self.label}/{name}: a directory is at an engine path"
+                                ) from exc
+            except OSError as exc:
+                raise CopyError(f"{self.label}/{name}: cannot rename ({_reason(exc)})") from exc
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self.fd)
             raise
-        if barrier is None or flush:
-            os.fsync(self.fd)
-        else:
-            barrier.defer_dir(self.fd)
+        try:
+            if barrier is None or flush:
+                os.fsync(self.fd)
+            else:
+                barrier.defer_dir(self.fd)
+        except OSError as exc:
+            raise CopyError(f"{self.label}: cannot sync the directory ({_reason(exc)})") from exc
 
     def unlink(self, name: str) -> None:
         """Remove `name` if present (never follows it)."""
@@ -357,3 +372,9 @@ def sha256_fd(fd: int, size: int) -> str:
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as mapped:
             digest.update(mapped)
     return digest.hexdigest()
+
+
+def _check_name(label: str, name: str) -> None:
+    """Refuse anything but one plain path component."""
+    if name in {"", ".", ".."} or "/" in name or "\0" in name:
+        raise PathError(f"{label}: {name!r} is not a plain file name")

@@ -47,7 +47,7 @@ from haios.metrics.families import (
     preinitialise,
 )
 from haios.metrics.server import MetricsServer, serve_registry
-from haios.metrics.textfile import write_textfile
+from haios.metrics.textfile import write_atomically
 
 
 class MetricsRecorder:
@@ -148,7 +148,7 @@ class MetricsRecorder:
             `dir_fd`, writes and fsyncs it, renames it over `name`, fsyncs the
             directory. On failure the temporary file is removed.
         """
-        write_textfile(dir_fd, name, self.render())
+        write_atomically(dir_fd, name, self.render())
 
     # -- event handlers (each gets the event's fields) -----------------------
 

@@ -575,7 +575,7 @@ def test_failed_rename_leaves_no_temporary_file(
         raise OSError(5, "Input/output error")
 
     monkeypatch.setattr(os, "rename", failing_rename)
-    with pytest.raises(EnvironmentUnavailableError, match="cannot write"):
+    with pytest.raises(EnvironmentUnavailableError, match="cannot rename"):
         recorder.write_textfile(dir_fd)
     assert list(tmp_path.iterdir()) == []
 
