@@ -259,3 +259,25 @@ def test_bad_state_dir_is_refused(world: World, value: str) -> None:
           f'public_key = "keys/engine.pub.pem"\nstate_dir = "{value}"')
     with pytest.raises(PolicyLoadError, match="state_dir"):
         load_policy(world.policy)
+
+
+@pytest.mark.parametrize("uri", [
+    "file2:relative/key", "file:/etc/key", "hv:", "file2:/", "file2:/k\x00ey",
+    "hv:" + "k" * 4097, "file2:/\ud800",
+])
+def test_an_engine_signing_key_outside_the_uri_forms_is_refused(uri: str) -> None:
+    from pydantic import ValidationError
+
+    from haios.models.policy import EngineSection
+
+    with pytest.raises(ValidationError):
+        EngineSection.model_validate({"signing_key": uri, "public_key": "engine.pub"})
+
+
+@pytest.mark.parametrize("uri", ["file2:/etc/haios/engine-key", "hv:haios-engine",
+                                 "hv:" + "k" * 4096])
+def test_an_engine_signing_key_in_a_uri_form_is_accepted(uri: str) -> None:
+    from haios.models.policy import EngineSection
+
+    assert EngineSection.model_validate(
+        {"signing_key": uri, "public_key": "engine.pub"}).signing_key == uri
