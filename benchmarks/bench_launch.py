@@ -7,7 +7,11 @@ rounds so that background noise hits every tool alike:
 - subprocess: ``subprocess.run(["/bin/true"])``, no confinement (the floor);
 - haios-direct: `NamespaceRunner()` forking from this (engine) process;
 - haios-launcher: `NamespaceRunner(launcher=Launcher.start())`, forking from
-  the small pre-started launcher process;
+  the small pre-started launcher process; back to back, so each step's init
+  was forked while the previous step ran;
+- haios-launcher-cold: the same after the launcher has been idle longer than
+  it keeps a forked-ahead init (only `--count-slow` launches): the init is
+  forked on request, as for the first step after a long one;
 - haios-full: haios-launcher plus everything else the engine now does per
   step around the launch: a uid lease from the host pool and the step's
   memory/pids cgroups (created, joined, removed);
@@ -30,6 +34,7 @@ launcher does not. Tools that are not installed are skipped with a reason.
 Run as root from the repository root:
 
     python -m benchmarks.bench_launch [--count 200] [--count-slow 10] [--json]
+        [--only haios-launcher,bwrap,subprocess]
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from haios.sandbox.launcher import Launcher
 LAUNCHER = Launcher.start()
 
 from haios._util.safedir import SafeDir  # noqa: E402
+from haios.sandbox._launcher_main import WAITING_MAX_SECONDS  # noqa: E402
 from haios.sandbox.cglimits import StepLimits  # noqa: E402
 from haios.sandbox.profile import load_profile  # noqa: E402
 from haios.sandbox.runner import NamespaceRunner  # noqa: E402
@@ -168,6 +174,22 @@ class HaiosLaunches:
         return lease
 
 
+class ColdLaunch:
+    """A launch preceded, untimed, by an idle pause past the waiting init's life."""
+
+    def __init__(self, launch: Launch) -> None:
+        """Wrap `launch`."""
+        self.launch = launch
+
+    def settle(self) -> None:
+        """Let the launcher's forked-ahead init expire."""
+        time.sleep(WAITING_MAX_SECONDS + 0.1)
+
+    def __call__(self) -> object:
+        """Launch."""
+        return self.launch()
+
+
 def command(argv: list[str]) -> Launch:
     """A launch function running `argv` and checking its exit status."""
 
@@ -223,6 +245,9 @@ def measure(launches: dict[str, Launch], counts: dict[str, int]) -> dict[str, li
     for _ in range(ROUNDS):
         for name, launch in launches.items():
             for _ in range(max(1, counts.get(name, 0) // ROUNDS)):
+                settle = getattr(launch, "settle", None)
+                if settle is not None:
+                    settle()
                 started = time.perf_counter()
                 launch()
                 times[name].append(time.perf_counter() - started)
@@ -236,7 +261,7 @@ def report(title: str, times: dict[str, list[float]]) -> list[dict[str, object]]
     bwrap = means.get("bwrap")
     print(f"\n{title}")
     header = ("launcher", "n", "mean ms", "median ms", "x subprocess", "x bwrap")
-    print("{:<16} {:>5} {:>9} {:>10} {:>13} {:>8}".format(*header))
+    print("{:<20} {:>5} {:>9} {:>10} {:>13} {:>8}".format(*header))
     rows: list[dict[str, object]] = []
     for name, values in times.items():
         mean = means[name]
@@ -244,7 +269,7 @@ def report(title: str, times: dict[str, list[float]]) -> list[dict[str, object]]
         vs_base = mean / base if base else float("nan")
         vs_bwrap = mean / bwrap if bwrap else float("nan")
         cells = (name, len(values), mean, median, vs_base, vs_bwrap)
-        print("{:<16} {:>5} {:>9.2f} {:>10.2f} {:>13.2f} {:>8.2f}".format(*cells))
+        print("{:<20} {:>5} {:>9.2f} {:>10.2f} {:>13.2f} {:>8.2f}".format(*cells))
         rows.append({"launcher": name, "n": len(values), "mean_ms": mean, "median_ms": median})
     return rows
 
@@ -258,9 +283,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200, help="launches per tool (default 200)")
     parser.add_argument(
-        "--count-slow", type=int, default=10, help="launches of in-toto-run (default 10)"
+        "--count-slow",
+        type=int,
+        default=10,
+        help="launches of in-toto-run and haios-launcher-cold (default 10)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON document at the end")
+    parser.add_argument(
+        "--only", default="", help="comma-separated rows to run (default: all available)"
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: the sandbox needs it")
@@ -272,12 +303,14 @@ def main() -> None:
             "subprocess": command(["/bin/true"]),
             "haios-direct": haios.runner(NamespaceRunner()),
             "haios-launcher": haios.runner(NamespaceRunner(launcher=LAUNCHER)),
+            "haios-launcher-cold": ColdLaunch(haios.runner(NamespaceRunner(launcher=LAUNCHER))),
             "haios-full": haios.runner(NamespaceRunner(launcher=LAUNCHER), full=True),
             "stepfs-only": haios.stepfs_only,
             "cgroups-only": haios.cgroups_only,
             "uid-lease-only": haios.lease_only,
         }
         counts = dict.fromkeys(launches, args.count)
+        counts["haios-launcher-cold"] = args.count_slow
         for tool, argv in (
             (
                 "bwrap",
@@ -295,6 +328,9 @@ def main() -> None:
             if in_toto is not None:
                 launches["in-toto-run"] = command(in_toto)
                 counts["in-toto-run"] = args.count_slow
+            if args.only:
+                wanted = set(args.only.split(","))
+                launches = {name: run for name, run in launches.items() if name in wanted}
             small = rss_mib()
             results["small"] = {
                 "rss_mib": small,
@@ -307,8 +343,10 @@ def main() -> None:
             for offset in range(0, len(ballast), 4096):
                 ballast[offset] = 1
             big = rss_mib()
-            haios_only = {
-                name: launches[name] for name in ("subprocess", "haios-direct", "haios-launcher")
+            haios_only: dict[str, Launch] = {
+                name: launches[name]
+                for name in ("subprocess", "haios-direct", "haios-launcher")
+                if name in launches
             }
             if "bwrap" in launches:
                 haios_only["bwrap"] = launches["bwrap"]

@@ -58,24 +58,36 @@ raises `SandboxSetupError`. There is no "continue anyway" path.
      namespace; when the step exits, write its wait status and exit: the
      kernel then kills whatever is left in the namespace.
 
+In the launcher the init is forked ahead of its step (`await_launch`): it
+sets its parent-death signal, closes every descriptor it inherited but its
+request channel, goes once through the decoding of the previous request (so
+that the pages it writes are copied from the launcher before the engine
+waits on them), and blocks until its own request arrives; then it runs the
+stages above exactly as a freshly forked init does.
+
 Imported in the engine and in the launcher; does I/O only when run.
 """
 
 from __future__ import annotations
 
+import array
 import dataclasses
+import errno
 import fcntl
 import gc
+import json
+import mmap
 import os
 import resource
 import select
 import signal
+import socket
 import struct
-from collections.abc import Callable
-from typing import Final, NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, Final, NoReturn
 
 from haios.sandbox import _libc, fds, mounts, netns, privs, rlimits
-from haios.sandbox._launchplan import LaunchPlan
+from haios.sandbox._launchplan import LaunchPlan, from_wire
 from haios.sandbox.spec import VIEW_WORKSPACE
 
 #: exit status of an init that failed before the step started
@@ -84,6 +96,16 @@ EXIT_SETUP_FAILED: Final = 125
 FD_FLOOR: Final = 100
 REPORT_MAX_BYTES: Final = 1024
 STATUS_FORMAT: Final = "<i"
+#: largest launch request, in bytes
+REQUEST_MAX_BYTES: Final = 4 * 1024 * 1024
+#: a request's descriptors: stdout, stderr, report, status; then the egress
+#: channel when it has one; then the step's filesystems (workspace, cost, secret)
+PIPE_FDS: Final = 4
+MAX_EGRESS: Final = 1
+MAX_STEP_FS: Final = 3
+MAX_REQUEST_FDS: Final = PIPE_FDS + MAX_EGRESS + MAX_STEP_FS
+#: what a waiting init writes of its receive buffer ahead (requests are ~10 KiB)
+REQUEST_TOUCH_BYTES: Final = 32 * 1024
 
 Stage = tuple[str, Callable[[], None]]
 
@@ -114,6 +136,79 @@ class ChildFds:
     egress: int = -1
 
 
+def child_fds(request: dict[str, Any], received: Sequence[int]) -> ChildFds:
+    """Name the descriptors of a launch request (see `_launcher_main`).
+
+    Args:
+        request: the decoded request; its "egress" (0 or 1) and "mounts"
+            say how many of each follow the four pipes.
+        received: the pipes, the egress channel, the step's filesystems.
+
+    Raises:
+        ValueError: the counts do not match the descriptors.
+        KeyError: "mounts" is missing.
+    """
+    egress = request.get("egress", 0)
+    step_fs = list(received[PIPE_FDS + egress:]) if egress in (0, 1) else []
+    if (
+        egress not in (0, 1)
+        or request["mounts"] != len(step_fs)
+        or not 2 <= len(step_fs) <= MAX_STEP_FS
+    ):
+        raise ValueError("descriptor count does not match the request")
+    step_fs += [-1] * (MAX_STEP_FS - len(step_fs))
+    return ChildFds(
+        stdout_w=received[0], stderr_w=received[1], report_w=received[2],
+        status_w=received[3], workspace=step_fs[0], cost=step_fs[1], secret=step_fs[2],
+        egress=received[PIPE_FDS] if egress else -1)
+
+
+class RequestBuffer:
+    """A reused receive buffer for launch requests.
+
+    A private anonymous mapping of REQUEST_MAX_BYTES: only the pages messages
+    reach are ever touched, and no allocation of that size is made per
+    request.
+    """
+
+    def __init__(self) -> None:
+        """Map the buffer (no page is touched yet).
+
+        Side Effects:
+            Maps memory.
+        """
+        # Private: a forked init gets its own copy, never the launcher's pages.
+        self._view = mmap.mmap(-1, REQUEST_MAX_BYTES, flags=mmap.MAP_PRIVATE)
+
+    def touch(self, size: int) -> None:
+        """Write the first `size` bytes' pages now (a forked copy then owns them).
+
+        Side Effects:
+            Faults the pages in.
+        """
+        for offset in range(0, min(size, REQUEST_MAX_BYTES), mmap.PAGESIZE):
+            self._view[offset] = 0
+
+    def receive(self, sock: socket.socket, max_fds: int) -> tuple[bytes, list[int], int]:
+        """One message and its descriptors, as `socket.recv_fds` returns them.
+
+        Returns:
+            The message, the descriptors (the caller owns them) and the
+            recvmsg flags (MSG_TRUNC, MSG_CTRUNC tell of a cut message).
+
+        Raises:
+            OSError: recvmsg failed.
+        """
+        fds = array.array("i")
+        size, ancillary, flags, _addr = sock.recvmsg_into(
+            [self._view], socket.CMSG_LEN(max_fds * fds.itemsize)
+        )
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        return self._view[:size], list(fds), flags
+
+
 def _report(fd: int, stage: str, exc: BaseException) -> None:
     message = f"{stage}: {exc}".encode(errors="replace")[:REPORT_MAX_BYTES]
     try:
@@ -123,12 +218,25 @@ def _report(fd: int, stage: str, exc: BaseException) -> None:
         return
 
 
-class _Init:
-    """The init's state between stages; one method per stage."""
+#: the ChildFds fields, in order (stage 4 walks them all)
+_FD_FIELDS: Final = tuple(field.name for field in dataclasses.fields(ChildFds))
 
-    def __init__(self, plan: LaunchPlan, pipes: ChildFds) -> None:
+
+class _Init:
+    """The init's state between stages; one method per stage.
+
+    `signals`, when given, are the signals whose disposition is not the
+    default, read by the launcher right before it forked this process
+    (dispositions are inherited as they are, and nothing since changed
+    one); stage 2 then need not read /proc/self/status.
+    """
+
+    def __init__(
+        self, plan: LaunchPlan, pipes: ChildFds, signals: frozenset[int] | None = None
+    ) -> None:
         self.plan = plan
         self.pipes = pipes
+        self.signals = signals
         self.null_fd = -1
         self.programs: tuple[tuple[_libc.SockFprog, object], ...] = ()
         self.request: _libc.SpawnRequest | None = None
@@ -145,11 +253,27 @@ class _Init:
             if events & (select.POLLERR | select.POLLHUP):
                 os._exit(EXIT_SETUP_FAILED)
 
+    def reset_signals(self) -> None:
+        if self.signals is None:
+            fds.reset_signals()
+            return
+        # fds.reset_signals over the set read earlier: dispositions first,
+        # then the mask.
+        for signum in sorted(self.signals):
+            if signum in fds._UNCATCHABLE or signum in fds._GLIBC_RESERVED:
+                continue
+            try:
+                _libc.reset_signal_disposition(signum)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+
     def new_session(self) -> None:
         os.setsid()
 
     def close_inherited(self) -> None:
-        pipes = dataclasses.astuple(self.pipes)
+        pipes = tuple(getattr(self.pipes, name) for name in _FD_FIELDS)
         # Move the pipes high, but below the engine's soft descriptor limit:
         # F_DUPFD fails with EINVAL at or above it.
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -175,7 +299,9 @@ class _Init:
     def network(self) -> None:
         netns.apply_network(self.plan.network, self.pipes.egress)
         # Sent and closed (or never used): nothing of it may reach the step.
-        self.pipes = dataclasses.replace(self.pipes, egress=-1)
+        pipes = self.pipes
+        self.pipes = ChildFds(pipes.stdout_w, pipes.stderr_w, pipes.report_w, pipes.status_w,
+                              pipes.workspace, pipes.cost, pipes.secret, egress=-1)
 
     def set_hostname(self) -> None:
         _libc.sethostname(self.plan.hostname)
@@ -259,7 +385,7 @@ def _run_stages(stages: list[Stage], report_fd: Callable[[], int]) -> None:
 def _stages(init: _Init) -> list[Stage]:
     return [
         ("1 parent-death signal", init.parent_death_signal),
-        ("2 reset signals", fds.reset_signals),
+        ("2 reset signals", init.reset_signals),
         ("3 new session", init.new_session),
         ("4 close inherited descriptors", init.close_inherited),
         ("5 join cgroup", init.join_cgroup),
@@ -278,17 +404,20 @@ def _stages(init: _Init) -> list[Stage]:
     ]
 
 
-def run_init(plan: LaunchPlan, pipes: ChildFds) -> NoReturn:
+def run_init(
+    plan: LaunchPlan, pipes: ChildFds, signals: frozenset[int] | None = None
+) -> NoReturn:
     """Be the namespace init of one step; never returns.
 
     Args:
         plan: what to run and how to confine it.
         pipes: the pipe ends this process writes to.
+        signals: see `_Init` (None: stage 2 reads them itself).
 
     Side Effects:
         Everything in the module docstring; ends with os._exit.
     """
-    init = _Init(plan, pipes)
+    init = _Init(plan, pipes, signals)
     try:
         # No collection in the child: it would touch (and copy) every page.
         gc.disable()
@@ -309,3 +438,83 @@ def run_init(plan: LaunchPlan, pipes: ChildFds) -> NoReturn:
         # engine's stack (or run its atexit handlers); report and exit.
         _report(init.pipes.report_w, "internal", exc)
     os._exit(EXIT_SETUP_FAILED)
+
+
+def _rehearse(message: bytes) -> None:
+    """Decode an earlier request and prepare its step, then drop the result.
+
+    Performance only, while nothing waits for this init: after fork every
+    page shared with the launcher is copied on its first write, and the
+    decoding and preparation of the real request would take those faults
+    while the engine waits. Going through the same code once (json, the
+    plan's dataclasses, ctypes buffers; no system call with an effect)
+    copies the allocator's and the interpreter's pages now. Any failure is
+    ignored: the real request is decoded and checked from scratch.
+    """
+    try:
+        request = json.loads(message)
+        plan = from_wire(request["plan"])
+        init = _Init(plan, ChildFds(-1, -1, -1, -1))
+        _stages(init)
+        init.programs = tuple(_libc.make_fprog(bpf) for bpf in plan.seccomp)
+        init.request = _libc.SpawnRequest(plan.argv[0], list(plan.argv), list(plan.env))
+    except Exception:  # noqa: S110  # nothing depends on it
+        pass
+
+
+def await_launch(
+    channel: socket.socket,
+    buffer: RequestBuffer,
+    signals: frozenset[int],
+    rehearsal: bytes | None,
+) -> NoReturn:
+    """Be a pre-forked init: wait for one launch request, then run it; never returns.
+
+    Args:
+        channel: this end of the launcher's request channel (made by the
+            launcher before the fork), the one descriptor kept. The request
+            is the engine's JSON launch request with its descriptors minus
+            the reply socket (`child_fds`). End of file (the launcher let
+            this init go) exits 0.
+        buffer: the launcher's receive buffer, inherited.
+        signals: the signals whose disposition is not the default, read by
+            the launcher right before the fork (this process inherited
+            exactly those; nothing here changes one): what stage 2 resets.
+        rehearsal: an earlier request to `_rehearse` while waiting, or None.
+
+    Side Effects:
+        As `run_init` once the request is in; ends with os._exit.
+    """
+    report = -1
+    try:
+        gc.disable()
+        # Die with the launcher. If it died before this, its end of the
+        # channel is closed and the receive below sees end of file.
+        _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        # Hold nothing of the launcher's (its control socket, other steps'
+        # descriptors) while waiting.
+        fds.close_fds_except((channel.fileno(),))
+        poller = select.poll()
+        poller.register(channel, select.POLLIN)
+        if rehearsal is not None and not poller.poll(0):
+            buffer.touch(REQUEST_TOUCH_BYTES)
+            _rehearse(rehearsal)
+        # The channel stays open (its peer closed) until stage 4 closes it with
+        # every other inherited descriptor.
+        message, received, flags = buffer.receive(channel, MAX_REQUEST_FDS)
+        if len(received) > PIPE_FDS:
+            report = received[2]
+        if not message and not received:
+            os._exit(0)
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            raise ValueError("launch request truncated")
+        request = json.loads(message)
+        pipes = child_fds(request, received)
+        plan = from_wire(request["plan"])
+    except BaseException as exc:
+        # Deliberately broad, as in run_init: report (when the request got
+        # here) and exit; the step never starts.
+        if report >= 0:
+            _report(report, "launch request", exc)
+        os._exit(EXIT_SETUP_FAILED)
+    run_init(plan, pipes, signals)

@@ -11,11 +11,27 @@ control socket shared with the engine:
   four pipe write ends, the step's egress channel when e is 1 (the init
   sends the step's listeners to the engine over it), and the step's n
   detached filesystems (workspace, cost, secret);
-- it forks the init exactly as the engine would (`_spawn.spawn_init`), closes
-  its copies of the pipes, and answers on the reply socket with
-  ``{"pid": n}`` plus a pidfd, or ``{"error": reason}``;
+- it hands the request and every descriptor but the reply socket to an init
+  forked for it ahead of time (`_spawn.fork_waiting_init`,
+  `_child.await_launch`), which decodes and checks it and reports a bad one
+  on the step's report pipe; or, when none waits, it decodes the request
+  and forks an init with it (`_spawn.spawn_init`). It closes its copies and
+  answers on the reply socket with ``{"pid": n}`` plus a pidfd, or
+  ``{"error": reason}``;
 - when the init exits it reaps it (wait4) and sends
   ``{"status", "cpu_seconds", "max_rss_bytes"}`` on the reply socket.
+
+While steps follow each other closely (a request within
+`WAITING_MAX_SECONDS` of the previous one), the init is forked *before* its
+request arrives: right after a step is handed over, the launcher forks the
+next one, which prepares itself while the current step runs
+(`_child.await_launch`) and waits. A waiting init older than
+`WAITING_MAX_SECONDS` is killed and the next request's init is forked on the
+spot: the engine's process-event watcher must still hold the init's fork
+event when it learns the pid (it keeps the last 16384 events and ten
+seconds), an idle launcher keeps nothing running, and an isolated step does
+not share the machine with a fork it will not use. Both ways run the same
+stages (`_child.run_init`).
 
 It exits when the engine closes the control socket; its inits have
 PR_SET_PDEATHSIG, so the steps die with it. Does I/O (sockets, fork, wait).
@@ -30,19 +46,19 @@ import selectors
 import signal
 import socket
 import sys
+import time
 from typing import Final
 
 from haios.errors import SandboxSetupError
 from haios.sandbox import _child, _libc, _spawn
 from haios.sandbox._launchplan import from_wire
 
-MESSAGE_MAX_BYTES: Final = 4 * 1024 * 1024
-REQUEST_FDS: Final = 5
-#: the egress channel, when the step has endpoints
-MAX_EGRESS: Final = 1
-#: workspace, cost and (with a Vault scope) secret filesystems
-MAX_STEP_FS: Final = 3
-MAX_FDS: Final = REQUEST_FDS + MAX_EGRESS + MAX_STEP_FS
+#: the reply socket, then what the init gets (`_child.child_fds`)
+REQUEST_FDS: Final = 1 + _child.PIPE_FDS
+MAX_FDS: Final = 1 + _child.MAX_REQUEST_FDS
+#: a waiting init older than this is discarded: far inside the process-event
+#: watcher's replay window (treewatch.RING_MAX_EVENTS, RING_MAX_AGE_SECONDS)
+WAITING_MAX_SECONDS: Final = 0.5
 
 
 class _Server:
@@ -50,48 +66,116 @@ class _Server:
 
     def __init__(self, control: socket.socket) -> None:
         self.control = control
+        self.buffer = _child.RequestBuffer()
         self.selector = selectors.DefaultSelector()
         self.selector.register(control, selectors.EVENT_READ, None)
         # pidfd -> (init pid, reply socket)
         self.running: dict[int, tuple[int, socket.socket]] = {}
+        self.waiting: _spawn.WaitingInit | None = None
+        # the last request handed over, for the next init to rehearse, and when
+        self.last_request: bytes | None = None
+        self.last_request_at = -WAITING_MAX_SECONDS
 
     def serve(self) -> None:
-        while True:
-            for key, _mask in self.selector.select():
-                if key.data is None:
-                    if not self.handle_request():
-                        return
-                else:
-                    self.handle_exit(key.fd)
+        try:
+            while True:
+                for key, _mask in self.selector.select(self.idle_timeout()):
+                    if key.data is None:
+                        if not self.handle_request():
+                            return
+                    else:
+                        self.handle_exit(key.fd)
+                self.expire_waiting()
+        finally:
+            self.drop_waiting()
+
+    def idle_timeout(self) -> float | None:
+        if self.waiting is None:
+            return None
+        return max(0.0, self.waiting.forked_at + WAITING_MAX_SECONDS - time.monotonic())
+
+    def expire_waiting(self) -> None:
+        if self.waiting is not None and self.idle_timeout() == 0.0:
+            self.drop_waiting()
+
+    def drop_waiting(self) -> None:
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None:
+            waiting.discard()
+
+    def prepare_next(self) -> None:
+        """Fork the next step's init now, unless more requests are queued."""
+        if self.waiting is not None or self.control_readable():
+            return
+        try:
+            self.waiting = _spawn.fork_waiting_init(self.buffer, self.last_request)
+        except SandboxSetupError:
+            # The next request forks on the spot and reports the failure.
+            self.waiting = None
+
+    def control_readable(self) -> bool:
+        return any(key.data is None for key, _mask in self.selector.select(0))
+
+    def launch(self, message: bytes, fds: list[int]) -> tuple[int, int]:
+        """Start one step's init: the waiting one if it is young enough and
+        alive (it decodes and checks the request itself and reports a bad
+        one on the step's report pipe), else one forked now with the request
+        decoded here.
+
+        Returns:
+            The init's pid and a pidfd of it.
+
+        Raises:
+            SandboxSetupError: no init could be forked.
+            KeyError, TypeError, ValueError: the request does not decode.
+        """
+        waiting, self.waiting = self.waiting, None
+        if waiting is not None and time.monotonic() - waiting.forked_at < WAITING_MAX_SECONDS:
+            try:
+                waiting.hand_over(message, fds)
+            except OSError:
+                waiting.discard()  # it died: fork one below
+            else:
+                return waiting.pid, waiting.pidfd
+        elif waiting is not None:
+            waiting.discard()
+        request = json.loads(message)
+        if not isinstance(request, dict) or not isinstance(request.get("plan"), dict):
+            raise ValueError("malformed launch request")
+        pipes = _child.child_fds(request, fds)
+        pid = _spawn.spawn_init(from_wire(request["plan"]), pipes, single_threaded=True)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError as exc:
+            # Without a pidfd the step cannot be supervised: do not let it run.
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise SandboxSetupError(f"pidfd_open failed ({exc.strerror})") from exc
+        return pid, pidfd
 
     def handle_request(self) -> bool:
         try:
-            message, fds, flags, _addr = socket.recv_fds(
-                self.control, MESSAGE_MAX_BYTES, MAX_FDS
-            )
+            message, fds, flags = self.buffer.receive(self.control, MAX_FDS)
         except OSError:
             return False
         if not message:
             for fd in fds:
                 os.close(fd)
             return False
-        if flags & socket.MSG_TRUNC or not REQUEST_FDS + 2 <= len(fds) <= MAX_FDS:
+        truncated = flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC)
+        if truncated or not REQUEST_FDS + 2 <= len(fds) <= MAX_FDS:
             for fd in fds:
                 os.close(fd)
             return True
-        reply = socket.socket(fileno=fds[0])
+        # The engine made it with socketpair(AF_UNIX, SOCK_SEQPACKET): saying
+        # so spares three system calls.
+        reply = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, 0, fileno=fds[0])
+        now = time.monotonic()
+        in_burst = now - self.last_request_at < WAITING_MAX_SECONDS
+        self.last_request_at = now
         try:
-            request = json.loads(message)
-            egress = request.get("egress", 0)
-            if egress not in (0, 1) or request["mounts"] != len(fds) - REQUEST_FDS - egress:
-                raise ValueError("descriptor count does not match the request")
-            step_fs = (fds[REQUEST_FDS + egress:] + [-1] * MAX_STEP_FS)[:MAX_STEP_FS]
-            pipes = _child.ChildFds(
-                stdout_w=fds[1], stderr_w=fds[2], report_w=fds[3], status_w=fds[4],
-                workspace=step_fs[0], cost=step_fs[1], secret=step_fs[2],
-                egress=fds[REQUEST_FDS] if egress else -1)
-            plan = from_wire(request["plan"])
-            pid = _spawn.spawn_init(plan, pipes)
+            pid, pidfd = self.launch(message, fds[1:])
+            self.last_request = message
         except (SandboxSetupError, KeyError, TypeError, ValueError) as exc:
             self.answer(reply, {"error": str(exc)}, [])
             reply.close()
@@ -99,18 +183,11 @@ class _Server:
         finally:
             for fd in fds[1:]:
                 os.close(fd)
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError as exc:
-            # Without a pidfd the step cannot be supervised: do not let it run.
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            self.answer(reply, {"error": f"pidfd_open failed ({exc.strerror})"}, [])
-            reply.close()
-            return True
         self.running[pidfd] = (pid, reply)
         self.selector.register(pidfd, selectors.EVENT_READ, pid)
         self.answer(reply, {"pid": pid}, [pidfd])
+        if in_burst:
+            self.prepare_next()
         return True
 
     def handle_exit(self, pidfd: int) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-from typing import Any
+from typing import Any, Final
 
 from haios.sandbox import mounts, netns
 
@@ -55,10 +55,45 @@ class LaunchPlan:
     dry_run: bool
 
 
+#: base64 of the few seccomp programs a run uses, by content
+_encoded: dict[bytes, str] = {}
+_ENCODED_MAX: Final = 64
+
+
+#: field names of each dataclass met in a plan
+_field_names: dict[type, tuple[str, ...]] = {}
+
+
+def _plain(value: Any) -> Any:
+    """`dataclasses.asdict` without its deep copies: tuples stay tuples (JSON
+    writes them as lists) unless they hold dataclasses."""
+    kind = type(value)
+    if kind is tuple:
+        if value and dataclasses.is_dataclass(value[0]):
+            return [_plain(item) for item in value]
+        return value
+    names = _field_names.get(kind)
+    if names is None:
+        if not dataclasses.is_dataclass(kind):
+            return value
+        names = _field_names.setdefault(kind, tuple(f.name for f in dataclasses.fields(kind)))
+    return {name: _plain(getattr(value, name)) for name in names}
+
+
+def _base64(program: bytes) -> str:
+    encoded = _encoded.get(program)
+    if encoded is None:
+        encoded = base64.b64encode(program).decode("ascii")
+        if len(_encoded) >= _ENCODED_MAX:
+            _encoded.clear()
+        _encoded[program] = encoded
+    return encoded
+
+
 def to_wire(plan: LaunchPlan) -> dict[str, Any]:
     """A JSON-compatible form of `plan` (bytes as base64)."""
-    data = dataclasses.asdict(plan)
-    data["seccomp"] = [base64.b64encode(program).decode("ascii") for program in plan.seccomp]
+    data: dict[str, Any] = _plain(plan)
+    data["seccomp"] = [_base64(program) for program in plan.seccomp]
     return data
 
 

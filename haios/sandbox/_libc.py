@@ -126,6 +126,12 @@ _signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
 _signal.restype = ctypes.c_void_p
 
 
+# fork(3) called with the GIL held and without CPython's at-fork work
+# (see `fork_single_threaded`).
+_fork = ctypes.PyDLL(None, use_errno=True).fork
+_fork.argtypes = ()
+_fork.restype = ctypes.c_int
+
 _posix_spawn = _libc.posix_spawn
 _posix_spawn.argtypes = (
     ctypes.POINTER(ctypes.c_int),
@@ -179,10 +185,13 @@ class SockFprog(ctypes.Structure):
     _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.c_void_p))
 
 
-def _check(result: int, what: str) -> int:
-    """Turn a -1 libc return into `OSError` carrying errno and `what`."""
+def _check(result: int, what: str, detail: object = None) -> int:
+    """Turn a -1 libc return into `OSError` carrying errno and `what` (and
+    `detail`, formatted only then: these calls sit on the launch path)."""
     if result < 0:
         err = ctypes.get_errno()
+        if detail is not None:
+            what = f"{what} {detail}"
         raise OSError(err, f"{what}: {os.strerror(err)}")
     return result
 
@@ -207,7 +216,8 @@ def mount(
             flags,
             None if data is None else data.encode(),
         ),
-        f"mount {target}",
+        "mount",
+        target,
     )
 
 
@@ -217,7 +227,7 @@ def umount2(target: str, flags: int) -> None:
     Side Effects:
         Detaches a mount in the calling process's mount namespace.
     """
-    _check(_umount2(_path(target), flags), f"umount {target}")
+    _check(_umount2(_path(target), flags), "umount", target)
 
 
 def unshare(flags: int) -> None:
@@ -254,7 +264,7 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0) -> int:
     Side Effects:
         Whatever `option` changes for the calling thread.
     """
-    return _check(_prctl(option, arg2, arg3, 0, 0), f"prctl {option}")
+    return _check(_prctl(option, arg2, arg3, 0, 0), "prctl", option)
 
 
 def reset_signal_disposition(signum: int) -> None:
@@ -295,7 +305,8 @@ def open_tree_clone(path: str) -> int:
         _syscall(
             ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(AT_FDCWD), _path(path), ctypes.c_uint(flags)
         ),
-        f"open_tree {path}",
+        "open_tree",
+        path,
     )
 
 
@@ -376,7 +387,8 @@ def move_mount_fd(fd: int, target: str) -> None:
             _path(target),
             ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH),
         ),
-        f"move_mount {target}",
+        "move_mount",
+        target,
     )
 
 
@@ -450,6 +462,27 @@ def make_fprog(bpf: bytes) -> tuple[SockFprog, ctypes.Array[ctypes.c_char]]:
     """
     buffer = ctypes.create_string_buffer(bpf, len(bpf))
     return SockFprog(len(bpf) // 8, ctypes.addressof(buffer)), buffer
+
+
+def fork_single_threaded() -> int:
+    """fork(3) for a process that runs a single thread.
+
+    os.fork() also re-initialises the interpreter in the child (thread
+    states, locks, the threading module, signal flags, at-fork callbacks),
+    which writes to hundreds of pages the child then copies one fault at a
+    time. With one thread none of that state can be stale, so a process
+    that never starts a thread (the launcher) forks with glibc alone.
+
+    Returns:
+        0 in the child, the child's pid in the parent.
+
+    Raises:
+        OSError: fork failed.
+
+    Side Effects:
+        Creates a process.
+    """
+    return _check(_fork(), "fork")
 
 
 def _string_array(values: list[str]) -> ctypes.Array[ctypes.c_char_p]:

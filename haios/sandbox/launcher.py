@@ -5,8 +5,10 @@ Forking costs time in proportion to the forking process's memory (page
 tables and copy-on-write faults). `Launcher.start` spawns a fresh, small
 interpreter (``python -I -S``, only the sandbox child code imported) that
 forks every step's init on the engine's behalf, so launch cost does not grow
-with the engine. Pass it to ``NamespaceRunner(launcher=...)``; the
-confinement is byte-for-byte the same code (`_child.py`).
+with the engine, and forks the next init while the current step runs, so
+the fork is off the next step's path (`_launcher_main`). Pass it to
+``NamespaceRunner(launcher=...)``; the confinement is byte-for-byte the same
+code (`_child.py`).
 
 Protocol: see `_launcher_main`. Each step gets its own reply socket, so
 engine threads never read each other's messages; sends on the shared control
