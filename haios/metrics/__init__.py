@@ -26,13 +26,14 @@ are per process; `audit.jsonl` and `state.json` are the record).
 
 from __future__ import annotations
 
+from haios._util.net import is_loopback_host
 from haios.metrics.families import (
     METRICS_FILE_NAME,
     PROFILE_LABELS_MAX,
     REJECTION_REASONS,
 )
 from haios.metrics.recorder import MetricsRecorder
-from haios.metrics.server import MetricsServer, is_loopback_host, parse_metrics_addr
+from haios.metrics.server import MetricsServer, parse_metrics_addr
 from haios.metrics.textfile import write_atomically
 
 __all__ = [

@@ -175,26 +175,6 @@ def _parse_port(port: str, text: str) -> int:
     return int(port)
 
 
-def is_loopback_host(host: str) -> bool:
-    """True when `host` (as `parse_metrics_addr` returns it) is loopback only. Pure.
-
-    The engine uses this to warn about, and audit, a listener other hosts
-    can reach (attack catalog 123).
-
-    Args:
-        host: `localhost` or an IP literal.
-
-    Returns:
-        True for `localhost`, 127.0.0.0/8 and ::1.
-    """
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def serve_registry(registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
     """Serve `/metrics` from `registry` on `host:port` only.
 

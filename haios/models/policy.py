@@ -9,7 +9,6 @@ them. No I/O.
 
 from __future__ import annotations
 
-import ipaddress
 import posixpath
 import re
 import urllib.parse
@@ -18,6 +17,7 @@ from typing import Annotated, Final, Literal, Self
 from pydantic import AfterValidator, Field, StringConstraints, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from haios._util.net import is_loopback_host
 from haios.models.common import EnvName, Identifier, StrictModel
 
 POLICY_SCHEMA = "haios/policy/v1"
@@ -223,7 +223,6 @@ class LedgerSection(StrictModel):
         return path
 
 
-_LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 InstanceName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
 
 
@@ -285,22 +284,13 @@ class MetricsSection(StrictModel):
             _ = parts.port
         except ValueError as exc:
             raise ValueError("pushgateway_url has an invalid port") from exc
-        loopback = _is_loopback(parts.hostname)
+        loopback = is_loopback_host(parts.hostname)
         if not loopback and not self.pushgateway_allow_remote:
             raise ValueError("pushgateway_url names a non-loopback host: set "
                              "pushgateway_allow_remote = true to allow it")
         if not loopback and parts.scheme != "https":
             raise ValueError("pushgateway_url to a non-loopback host must use https://")
         return self
-
-
-def _is_loopback(host: str) -> bool:
-    if host in _LOOPBACK_HOSTS:
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class PolicyFile(StrictModel):

@@ -12,13 +12,13 @@ No I/O, except one log line when an unsafe plaintext address is allowed.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import re
 import urllib.parse
 from collections.abc import Mapping
 from typing import Final
 
+from haios._util.net import is_loopback_host
 from haios.errors import VaultUnavailableError
 from haios.secrets.provider import ScopeGrant
 
@@ -80,22 +80,12 @@ def checked_addr(addr: str, *, allow_plaintext_http: bool) -> str:
         raise VaultUnavailableError("VAULT_ADDR must be an http(s)://host:port address")
     if parts.username or parts.password or parts.path.strip("/") or parts.query:
         raise VaultUnavailableError("VAULT_ADDR must not carry credentials, a path or a query")
-    if parts.scheme == "http" and not _is_loopback(host):
+    if parts.scheme == "http" and not is_loopback_host(host):
         # The engine token would cross the network in clear (threat T-V06).
         if not allow_plaintext_http:
             raise VaultUnavailableError("VAULT_ADDR uses plaintext http:// to a non-loopback host")
         _log.warning("UNSAFE: Vault at %s is reached over plaintext http://", host)
     return f"{parts.scheme}://{parts.netloc}"
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether `host` names this machine's loopback interface."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_engine_token(data: Mapping[str, object]) -> None:
