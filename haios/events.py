@@ -260,15 +260,6 @@ EVENT_TYPES: Final[Mapping[str, type[Event]]] = {
 }
 
 
-def event_of(kind: str, fields: Mapping[str, Any]) -> Event:
-    """The typed event of an audit record's `kind` and `fields`.
-
-    Raises:
-        KeyError: an unknown kind. TypeError: fields that do not match it.
-    """
-    return EVENT_TYPES[kind](**fields)
-
-
 Subscriber = Callable[[Event], None]
 
 

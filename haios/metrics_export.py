@@ -40,7 +40,7 @@ import threading
 from typing import TYPE_CHECKING, Final
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import delete_from_gateway, generate_latest, push_to_gateway
+from prometheus_client.exposition import generate_latest, push_to_gateway
 from prometheus_client.metrics_core import Metric
 
 from haios import events
@@ -221,20 +221,6 @@ class MetricsExporter:
                 _log.warning("metrics push to the Pushgateway failed: %s", type(exc).__name__)
                 return False
         return True
-
-    def delete(self) -> None:
-        """Remove this (engine, os_root) group from the Pushgateway (for operators and tests).
-
-        Side Effects:
-            One HTTP DELETE to the Pushgateway.
-        """
-        if self.settings.pushgateway_url is not None:
-            delete_from_gateway(
-                self.settings.pushgateway_url,
-                job=PUSH_JOB,
-                grouping_key=self.grouping_key,
-                timeout=PUSH_TIMEOUT_SECONDS,
-            )
 
     def finish(self, root_stat: os.stat_result | None = None) -> None:
         """Stop progress pushes; push and write the final metrics. Never raises.

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import mmap
 import os
 import secrets
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
-from haios.errors import BusyError, CopyError, InputError, PathError
+from haios.errors import CopyError, InputError, PathError
 
 if TYPE_CHECKING:
     from haios._util.durability import Barrier
@@ -120,10 +119,6 @@ class SafeDir:
     def names(self) -> list[str]:
         """The directory's entry names, sorted."""
         return sorted(os.listdir(self.fd))
-
-    def has_sub(self, name: str) -> bool:
-        """True when `name` exists (any type)."""
-        return self.lstat(name) is not None
 
     # -- reading -------------------------------------------------------------
 
@@ -302,34 +297,6 @@ class SafeDir:
         """Remove `name` if present (never follows it)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self.fd)
-
-    # -- locking -------------------------------------------------------------
-
-    @contextlib.contextmanager
-    def exclusive_lock(self, name: str) -> Iterator[None]:
-        """Hold an exclusive, non-blocking flock on `name` for the block.
-
-        The lock file is opened without O_TRUNC and without following links.
-
-        Raises:
-            BusyError: another process holds the lock.
-            PathError: `name` is a link or special file.
-        """
-        self.check_replaceable(name)
-        try:
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=self.fd)
-        except OSError as exc:
-            raise PathError(f"{self.label}/{name}: cannot open lock ({_reason(exc)})") from exc
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError as exc:
-                raise BusyError(f"{self.label}: another haios run holds the lock") from exc
-            yield
-        finally:
-            os.close(fd)
-
 
 def copy_chunk(src: int, dst: int, count: int, *, offset_src: int | None = None) -> int:
     """Copy up to `count` bytes in the kernel; return how many were copied.

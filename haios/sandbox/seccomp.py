@@ -67,11 +67,6 @@ class SeccompProgram:
     sha256: str
     rules: int
 
-    @property
-    def instructions(self) -> int:
-        """Number of BPF instructions."""
-        return len(self.bpf) // BPF_INSTRUCTION_BYTES
-
 
 def _pyseccomp() -> ModuleType:
     """Import pyseccomp, translating a missing libseccomp into our error.

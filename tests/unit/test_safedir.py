@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from haios._util.safedir import SafeDir, sha256_fd
-from haios.errors import BusyError, CopyError, InputError, PathError
+from haios.errors import CopyError, InputError, PathError
 from haios.sandbox.stepfs import StepFs
 
 
@@ -88,23 +88,6 @@ def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path, root: SafeDir)
     root.write_atomic("f", b"two")
     assert (tmp_path / "f").read_bytes() == b"two"
     assert sorted(os.listdir(tmp_path)) == ["f"]
-
-
-def test_lock_is_exclusive(tmp_path: Path, root: SafeDir) -> None:
-    other = SafeDir.open(tmp_path)
-    with root.exclusive_lock(".lock"), pytest.raises(BusyError), other.exclusive_lock(".lock"):
-        pass
-    with other.exclusive_lock(".lock"):
-        pass
-
-
-def test_lock_file_is_not_truncated_through_a_symlink(tmp_path: Path, root: SafeDir) -> None:
-    victim = tmp_path / "victim"
-    victim.write_text("precious")
-    (tmp_path / ".lock").symlink_to(victim)
-    with pytest.raises(PathError), root.exclusive_lock(".lock"):
-        pass
-    assert victim.read_text() == "precious"
 
 
 def test_sha256_fd_matches_hashlib(tmp_path: Path) -> None:
