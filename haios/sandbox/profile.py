@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     StringConstraints,
@@ -39,6 +38,13 @@ from haios.egress.endpoints import ENDPOINTS_MAX, parse_endpoint
 from haios.errors import PolicyLoadError
 from haios.load.policy_folder import PolicyFolder
 from haios.sandbox import seccomp, syscall_policy
+from haios.sandbox.seccomp_rules import (
+    COMMENT,
+    ArgCondition,
+    SeccompPolicy,
+    StrictProfileModel,
+    resolve_symbolic,
+)
 from haios.sandbox.view import VIEW_COST_DIR, VIEW_SECRET_DIR, VIEW_WORKSPACE
 
 _log = logging.getLogger(__name__)
@@ -67,132 +73,7 @@ RESERVED_VIEW_PATHS: Final = (
     VIEW_SECRET_DIR,
 )
 
-_SYSCALL_NAME = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
-_COMMENT = Annotated[str, StringConstraints(strip_whitespace=True, min_length=3, max_length=2000)]
-_SYMBOLIC = Annotated[str, StringConstraints(pattern=r"^[A-Z][A-Z0-9_]*(\|[A-Z][A-Z0-9_]*)*$")]
-_U64 = Annotated[int, Field(ge=0, le=2**64 - 1)]
-
-
-class _Strict(BaseModel):
-    """Base of every profile model: unknown fields, coercion and mutation are errors."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
-def resolve_symbolic(value: int | str) -> int:
-    """Turn an argument value (integer or ``"A|B"`` symbols) into its number.
-
-    Raises:
-        ValueError: a symbol is not in `syscall_policy.SYMBOLS`.
-    """
-    if isinstance(value, int):
-        return value
-    total = 0
-    for part in value.split("|"):
-        if part not in syscall_policy.SYMBOLS:
-            raise ValueError(f"unknown symbol {part!r}")
-        total |= syscall_policy.SYMBOLS[part]
-    return total
-
-
-class ArgCondition(_Strict):
-    """A comparison on one system-call argument; all of a rule's conditions must hold.
-
-    Attributes:
-        index: argument position, 0 to 5 (no default).
-        op: comparison: eq, ne, lt, le, gt, ge (unsigned 64-bit) or masked_eq
-            (``arg & mask == value``) (no default).
-        value: a non-negative integer or symbolic names joined by ``|`` from
-            `syscall_policy.SYMBOLS` (no default).
-        mask: for masked_eq only, same forms as `value` (default: none).
-    """
-
-    index: Annotated[int, Field(ge=0, le=5)]
-    op: Literal["eq", "ne", "lt", "le", "gt", "ge", "masked_eq"]
-    value: _U64 | _SYMBOLIC
-    mask: _U64 | _SYMBOLIC | None = None
-
-    @model_validator(mode="after")
-    def _check(self) -> ArgCondition:
-        if (self.op == "masked_eq") != (self.mask is not None):
-            raise ValueError("mask is required with op masked_eq and only with it")
-        resolve_symbolic(self.value)
-        if self.mask is not None:
-            resolve_symbolic(self.mask)
-        return self
-
-    def comparison(self) -> syscall_policy.Comparison:
-        """The numeric form used by the filter compiler."""
-        mask = 0 if self.mask is None else resolve_symbolic(self.mask)
-        return syscall_policy.Comparison(self.index, self.op, resolve_symbolic(self.value), mask)
-
-
-class AllowRule(_Strict):
-    """System calls the step may make (under `args`, when given).
-
-    Attributes:
-        syscalls: x86_64 system-call names (at least one; no default).
-        comment: why the step needs them (no default; required).
-        args: conditions that must all hold (default: none, i.e. always).
-    """
-
-    syscalls: Annotated[tuple[_SYSCALL_NAME, ...], Field(min_length=1)]
-    comment: _COMMENT
-    args: tuple[ArgCondition, ...] = ()
-
-
-class DenyRule(_Strict):
-    """System calls refused with an errno instead of the default action.
-
-    Attributes:
-        syscalls: x86_64 system-call names (at least one; no default).
-        comment: why they are refused this way (no default; required).
-        errno: errno name the caller sees, e.g. ``"EPERM"`` (no default).
-        args: conditions that must all hold (default: none, i.e. always).
-    """
-
-    syscalls: Annotated[tuple[_SYSCALL_NAME, ...], Field(min_length=1)]
-    comment: _COMMENT
-    errno: str
-    args: tuple[ArgCondition, ...] = ()
-
-    @model_validator(mode="after")
-    def _check(self) -> DenyRule:
-        if self.errno not in syscall_policy.ERRNO_NAMES:
-            raise ValueError(f"unknown errno name {self.errno!r}")
-        return self
-
-
-class SeccompPolicy(_Strict):
-    """The seccomp allowlist.
-
-    Attributes:
-        default_action: what happens to any call no rule matches:
-            ``"kill_process"`` (SIGSYS, recorded as a violation) or
-            ``"errno"`` (the call fails with `default_errno`). Allowing by
-            default is not expressible. Default: ``"kill_process"``.
-        default_errno: errno name for ``default_action = "errno"`` (default:
-            none; required with that action and forbidden otherwise).
-        allow: the allowlist (at least one rule; no default).
-        deny: calls refused with an errno rather than the default action
-            (default: none).
-    """
-
-    default_action: Literal["kill_process", "errno"] = "kill_process"
-    default_errno: str | None = None
-    allow: Annotated[tuple[AllowRule, ...], Field(min_length=1)]
-    deny: tuple[DenyRule, ...] = ()
-
-    @model_validator(mode="after")
-    def _check(self) -> SeccompPolicy:
-        if (self.default_action == "errno") != (self.default_errno is not None):
-            raise ValueError("default_errno is required with default_action errno and only with it")
-        if self.default_errno is not None and self.default_errno not in syscall_policy.ERRNO_NAMES:
-            raise ValueError(f"unknown errno name {self.default_errno!r}")
-        return self
-
-
-class Rlimits(_Strict):
+class Rlimits(StrictProfileModel):
     """Per-process resource limits (setrlimit(2)); soft = hard so the step cannot raise them.
 
     Core dumps are always disabled (RLIMIT_CORE = 0) and cannot be configured.
@@ -217,7 +98,7 @@ class Rlimits(_Strict):
     file_size_bytes: Annotated[int, Field(ge=MIB, le=1024 * GIB)] = GIB
 
 
-class ReadOnlyPath(_Strict):
+class ReadOnlyPath(StrictProfileModel):
     """A host path shown read-only (nosuid, nodev) at the same place in the view.
 
     Attributes:
@@ -229,7 +110,7 @@ class ReadOnlyPath(_Strict):
     """
 
     path: Annotated[str, StringConstraints(min_length=2, max_length=1024)]
-    comment: _COMMENT
+    comment: COMMENT
     optional: bool = False
 
     @model_validator(mode="after")
@@ -242,7 +123,7 @@ class ReadOnlyPath(_Strict):
         return self
 
 
-class FilesystemPolicy(_Strict):
+class FilesystemPolicy(StrictProfileModel):
     """What the step sees besides its workspace, /proc, /dev and /tmp.
 
     Attributes:
@@ -265,7 +146,7 @@ class FilesystemPolicy(_Strict):
     workspace_inodes: Annotated[int, Field(ge=MIN_INODES, le=MAX_INODES)] = 65536
 
 
-class CgroupLimits(_Strict):
+class CgroupLimits(StrictProfileModel):
     """Limits on the step's whole process tree, enforced by cgroup controllers.
 
     Unlike `Rlimits` (per process or per uid), these bound every process of
@@ -287,7 +168,7 @@ class CgroupLimits(_Strict):
     pids_max: Annotated[int, Field(ge=8, le=65536)] = 512
 
 
-class EgressLimits(_Strict):
+class EgressLimits(StrictProfileModel):
     """Bounds on what one step may do through the engine's forwarder.
 
     They protect the engine (descriptors, threads, bandwidth, audit volume)
@@ -313,7 +194,7 @@ class EgressLimits(_Strict):
     connect_timeout_seconds: Annotated[int, Field(ge=1, le=300)] = 10
 
 
-class Profile(_Strict):
+class Profile(StrictProfileModel):
     """One sandbox profile, as loaded from `DIR/profiles/<name>.toml`.
 
     Attributes:
@@ -343,7 +224,7 @@ class Profile(_Strict):
     profile_schema: Literal["haios/profile/v1"] = Field(alias="schema")
     name: Annotated[str, StringConstraints(pattern=PROFILE_NAME_RE.pattern)]
     digest: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
-    description: _COMMENT
+    description: COMMENT
     egress: Annotated[tuple[str, ...], Field(max_length=ENDPOINTS_MAX)] = ()
     egress_limits: EgressLimits = EgressLimits()
     unsafe_host_network: bool = False

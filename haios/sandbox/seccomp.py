@@ -32,13 +32,30 @@ import os
 import struct
 import threading
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 from haios.errors import PolicyLoadError, SandboxSetupError
 from haios.sandbox import syscall_policy
+from haios.sandbox.seccomp_rules import SeccompPolicy
 
-if TYPE_CHECKING:  # annotations only: the profile loader imports this module
-    from haios.sandbox.profile import Profile
+
+class Profile(Protocol):
+    """What the compiler reads of a sandbox profile (haios/sandbox/profile.py)."""
+
+    @property
+    def name(self) -> str:
+        """The profile's name, for messages."""
+        ...
+
+    @property
+    def digest(self) -> str:
+        """The digest of the profile's file, the compile cache's key."""
+        ...
+
+    @property
+    def seccomp(self) -> SeccompPolicy:
+        """The profile's seccomp rules."""
+        ...
 
 AUDIT_ARCH_X86_64: Final = 0xC000003E
 X32_SYSCALL_BIT: Final = 0x40000000
