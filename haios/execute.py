@@ -61,8 +61,8 @@ from haios.load.policy import Policy
 from haios.models.common import format_rfc3339
 from haios.models.cost import COST_SCHEMA, CostRecord, CostReport, Measured, Reported
 from haios.models.plan import ExecPlan, PlanStep
+from haios.models.state import EndStatus
 from haios.osroot import OsRoot
-from haios.run.steps import EndStatus
 from haios.sandbox.evidence import confinement_record
 from haios.sandbox.profile import Profile
 from haios.sandbox.spec import (

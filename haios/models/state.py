@@ -39,6 +39,8 @@ PlanStatus = Literal[
     "pending", "running", "succeeded", "failed", "killed", "budget_exhausted", "rejected"
 ]
 StepStatus = Literal["pending", "running", "succeeded", "failed", "timed_out", "killed", "skipped"]
+#: the statuses one attempt of a step can end in
+EndStatus = Literal["succeeded", "failed", "timed_out", "killed"]
 Accessor = Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,128}$")]
 
 

@@ -17,16 +17,14 @@ Pure: no I/O.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Iterable, Mapping
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from haios.errors import InternalError
-from haios.models.state import StepState, StepStatus
+from haios.models.state import EndStatus, StepState, StepStatus
 
-#: the statuses a step's attempt can end in
-EndStatus = Literal["succeeded", "failed", "timed_out", "killed"]
-
-_ENDED: Final[frozenset[StepStatus]] = frozenset({"succeeded", "failed", "timed_out", "killed"})
+_ENDED: Final[frozenset[StepStatus]] = frozenset(typing.get_args(EndStatus))
 
 #: status -> the statuses it may move to; everything else is refused
 TRANSITIONS: Final[Mapping[StepStatus, frozenset[StepStatus]]] = {
