@@ -318,7 +318,7 @@ def test_overflow_marks_tracked_trees_lost() -> None:
         root = _fork(root_body)
         tree = small.track(root)
         with small._lock:  # the reader stalls while the kernel keeps sending
-            for pid in [_fork(lambda: 0) for _ in range(64)]:
+            for pid in [_fork(lambda: 0) for _ in range(256)]:
                 os.waitpid(pid, 0)
         os.write(go_w, b"x")
         assert _wait_status(root) == 0
