@@ -20,6 +20,10 @@ and calls `stop` once the step's whole tree is gone:
    pauses; the kernel queues the rest in the listener's backlog), total
    connections (the listeners are then closed) and bytes (no byte past the
    limit is forwarded; every connection is cut and the listeners closed).
+   A connection ends with a half-close only when one side ended its stream;
+   one the forwarder cuts (a limit, `stop`, a failure on either side) is
+   reset on both sides, never shut down first: a peer reading to the end
+   must not take a truncated stream for a complete one.
 4. Every connection ends in exactly one `egress.connection` record
    (endpoint, destination, outcome, bytes each way, duration), every
    refusal in an `egress.refused` record, and `stop` ends with one
@@ -43,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import fcntl
 import functools
 import ipaddress
 import os
@@ -50,6 +55,7 @@ import queue
 import selectors
 import socket
 import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -70,6 +76,12 @@ STOP_JOIN_SECONDS: Final = 10.0
 _BACKOFF_SECONDS: Final = 0.1
 #: SO_LINGER on, 0 seconds: close sends RST
 _RESET_LINGER: Final = struct.pack("ii", 1, 0)
+#: how often a send blocked on a peer that does not read checks for a cut
+_SEND_WAKE: Final = struct.pack("ll", 0, 200_000)
+#: how long a cut waits for the bytes already forwarded to reach the peer
+_DRAIN_SECONDS: Final = 1.0
+_DRAIN_POLL_SECONDS: Final = 0.002
+_TCP_CLOSE: Final = 7
 
 #: every outcome of a forwarded connection (the metric's label values)
 OUTCOMES: Final = ("closed", "reset", "connect_failed", "byte_limit", "step_ended", "error")
@@ -110,13 +122,22 @@ class _Connection:
     done: bool = False
     #: `stop` cut it while bytes could still flow
     cut: bool = False
+    #: why the forwarder cut it (how the directions it woke end); None: not cut
+    aborted: str | None = None
 
-    def shutdown(self) -> None:
-        """Wake both directions (and a pending connect): no further byte moves."""
+    def abort(self, reason: str) -> None:
+        """Cut it: wake both directions (and a pending connect); no further byte moves.
+
+        Call with the forwarder's lock held. Only the receiving side is shut
+        down, which sends nothing: a FIN would tell the peer the stream ended
+        cleanly. The reset goes out when `_finish` closes the sockets.
+        """
+        if self.aborted is None:
+            self.aborted = reason
         for sock in (self.client, self.upstream):
             if sock is not None:
                 with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                    sock.shutdown(socket.SHUT_RD)
 
 
 class _Workers:
@@ -280,7 +301,7 @@ class Forwarder:
             for connection in self._active:
                 if not connection.done and connection.ended < 2:
                     connection.cut = True
-                    connection.shutdown()
+                    connection.abort("step_ended")
         self._wake()
         deadline = time.monotonic() + STOP_JOIN_SECONDS
         if self._accept_thread is not None:
@@ -486,7 +507,8 @@ class Forwarder:
         except RuntimeError:  # no thread could be started: the engine is short
             connection.running = 1
             connection.endings.append("error")
-            connection.shutdown()
+            with self._lock:
+                connection.abort("error")
         self._direction(connection, connection.client, upstream, "out")
 
     def _direction(self, connection: _Connection, source: socket.socket, sink: socket.socket,
@@ -499,29 +521,30 @@ class Forwarder:
             connection.done = last
         if last:
             endings = set(connection.endings)
-            outcome = next((o for o in ("byte_limit", "error", "reset") if o in endings),
-                           "closed")
+            outcome = next((o for o in ("byte_limit", "error", "reset", "step_ended")
+                            if o in endings), "closed")
             self._finish(connection, outcome)
 
     def _finish(self, connection: _Connection, outcome: str) -> None:
         """Close both sockets, free the slot, queue the connection's record."""
-        # RST rather than FIN where the end is not a clean one: the step must
-        # not take a refused or cut connection for a complete exchange; the
-        # destination keeps what it was sent before a cut, unless a side
-        # failed (then the failure is passed on).
-        resets = [connection.client] if outcome != "closed" else []
-        if outcome in ("reset", "error") and connection.upstream is not None:
-            resets.append(connection.upstream)
-        for sock in resets:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_LINGER)
-        connection.client.close()
-        if connection.upstream is not None:
-            connection.upstream.close()
         with self._lock:
             connection.done = True
             if connection.cut and outcome in ("closed", "reset"):
                 outcome = "step_ended"
+        sockets = [s for s in (connection.client, connection.upstream) if s is not None]
+        if outcome != "closed":
+            # RST rather than FIN on both sides where the end is not a clean
+            # one: neither the step nor the destination may take a refused or
+            # cut connection for a complete exchange. After a cut, the bytes
+            # already forwarded arrive first; a failure is passed on at once.
+            if outcome in ("byte_limit", "step_ended"):
+                _drain(sockets, time.monotonic() + _DRAIN_SECONDS)
+            for sock in sockets:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_LINGER)
+        for sock in sockets:
+            sock.close()
+        with self._lock:
             self._bytes["out"] += connection.bytes_out
             self._bytes["in"] += connection.bytes_in
             self._active.discard(connection)
@@ -568,10 +591,13 @@ class Forwarder:
                 continue
             connection.destination = (f"[{address}]:{route.port}" if family == socket.AF_INET6
                                       else f"{address}:{route.port}")
-            # Relay at once: the step's own sockets decide about batching.
+            # Relay at once: the step's own sockets decide about batching. A
+            # send blocked on a peer that does not read wakes now and then to
+            # see a cut: only a FIN (shutdown) would wake it at once.
             for sock in (upstream, connection.client):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _SEND_WAKE)
             return
         raise last
 
@@ -593,20 +619,25 @@ class Forwarder:
             while True:
                 size = source.recv_into(buffer)
                 if size == 0:
-                    # Counted before the peer can see the end: an exchange
-                    # both sides completed is never taken for a cut one.
                     with self._lock:
-                        connection.ended += 1
-                    with contextlib.suppress(OSError):
-                        sink.shutdown(socket.SHUT_WR)
+                        # A cut wakes the receive with an end of stream too:
+                        # that one is never passed on as a clean end.
+                        ended = connection.aborted
+                        if ended is None:
+                            # Counted and passed on under the lock: an exchange
+                            # both sides completed is never taken for a cut
+                            # one, and no FIN goes out once a cut is decided.
+                            connection.ended += 1
+                            with contextlib.suppress(OSError):
+                                sink.shutdown(socket.SHUT_WR)
+                    break
+                if connection.aborted is not None:
+                    ended = connection.aborted
                     break
                 allowed = self.budget.take(size)
-                if allowed:
-                    sink.sendall(view[:allowed])
-                    if direction == "out":
-                        connection.bytes_out += allowed
-                    else:
-                        connection.bytes_in += allowed
+                if allowed and not self._send(connection, sink, view[:allowed], direction):
+                    ended = connection.aborted
+                    break
                 if allowed < size:
                     self._byte_limit = True
                     ended = "byte_limit"
@@ -617,17 +648,62 @@ class Forwarder:
                     buffer = _worker.buffer = bytearray(len(buffer) * 4)
                     view = memoryview(buffer)
         except OSError:
-            ended = "reset"
+            ended = connection.aborted or "reset"
         finally:
             view.release()
         if ended is not None:
-            connection.shutdown()
+            with self._lock:
+                connection.abort(ended)
             if ended == "byte_limit":
                 self._cut_all()
         return ended
 
+    @staticmethod
+    def _send(connection: _Connection, sink: socket.socket, data: memoryview,
+              direction: str) -> bool:
+        """Send all of `data` unless the connection is cut meanwhile (False).
+
+        Counts what the kernel took, as it takes it.
+
+        Raises:
+            OSError: the sink failed.
+        """
+        sent = 0
+        try:
+            while sent < len(data):
+                try:
+                    sent += sink.send(data[sent:])
+                except BlockingIOError:  # the send timeout: the peer reads nothing
+                    if connection.aborted is not None:
+                        return False
+        finally:
+            if direction == "out":
+                connection.bytes_out += sent
+            else:
+                connection.bytes_in += sent
+        return True
+
     def _cut_all(self) -> None:
         with self._lock:
             for connection in self._active:
-                connection.shutdown()
+                if not connection.done and connection.ended < 2:
+                    connection.abort("byte_limit")
         self._wake()
+
+
+def _drain(sockets: list[socket.socket], deadline: float) -> None:
+    """Wait, until `deadline`, for the peers to acknowledge what was sent.
+
+    A reset discards whatever the kernel has not delivered yet.
+    """
+    for sock in sockets:
+        while time.monotonic() < deadline:
+            try:
+                state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+                unacknowledged = struct.unpack(
+                    "i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            except OSError:
+                break
+            if state == _TCP_CLOSE or unacknowledged <= 0:
+                break
+            time.sleep(_DRAIN_POLL_SECONDS)

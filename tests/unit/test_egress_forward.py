@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -71,6 +72,8 @@ class Sink:
         self.server = socket.create_server(("127.0.0.1", 0))
         self.port = self.server.getsockname()[1]
         self.received: list[int] = []
+        #: how each connection ended (`read_to_end`)
+        self.endings: list[str] = []
         self.done = threading.Semaphore(0)
         threading.Thread(target=self._serve, daemon=True).start()
 
@@ -80,15 +83,57 @@ class Sink:
                 conn, _ = self.server.accept()
             except OSError:
                 return
-            total = 0
             with conn:
-                try:
-                    while data := conn.recv(1 << 20):
-                        total += len(data)
-                except OSError:
-                    pass
+                total, ending = read_to_end(conn, 1 << 20)
             self.received.append(total)
+            self.endings.append(ending)
             self.done.release()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class Source:
+    """A destination on 127.0.0.1 that sends `size` bytes, then ends as told.
+
+    `then`: "read" reads until the end (the connection stays open meanwhile),
+    "half_close" ends its own stream and reads until the end, "reset" aborts
+    (and waits for a first byte before sending: a reset before the
+    forwarder's connect returns would fail the connect instead). What it
+    read from each connection lands in `received`.
+    """
+
+    def __init__(self, size: int, then: str = "read") -> None:
+        self.size = size
+        self.then = then
+        self.received: list[int] = []
+        self.done = threading.Semaphore(0)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._send, args=(conn,), daemon=True).start()
+
+    def _send(self, conn: socket.socket) -> None:
+        total = 0
+        with conn, contextlib.suppress(OSError):
+            if self.then == "reset":
+                conn.recv(1)
+            conn.sendall(os.urandom(self.size))
+            if self.then == "reset":
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            if self.then == "half_close":
+                conn.shutdown(socket.SHUT_WR)
+            total = read_to_end(conn)[0]
+        self.received.append(total)
+        self.done.release()
 
     def close(self) -> None:
         self.server.close()
@@ -134,6 +179,20 @@ def echo() -> Iterator[Echo]:
     server = Echo()
     yield server
     server.close()
+
+
+def read_to_end(conn: socket.socket, size: int = 65536) -> tuple[int, str]:
+    """Read until the end of stream: how many bytes, and whether it ended
+    cleanly ("eof"), was reset ("reset") or failed otherwise."""
+    total = 0
+    try:
+        while data := conn.recv(size):
+            total += len(data)
+    except ConnectionResetError:
+        return total, "reset"
+    except OSError as exc:
+        return total, f"failed: {exc!r}"
+    return total, "eof"
 
 
 def roundtrip(conn: socket.socket, payload: bytes) -> bytes:
@@ -190,6 +249,103 @@ def test_the_byte_limit_is_exact_with_bulk_buffers_kept_by_workers() -> None:
     assert [r["reason"] for r in harness.kinds("egress.refused")] == ["byte_limit"]
 
 
+@pytest.mark.parametrize("attempt", range(5))
+def test_a_download_cut_by_the_byte_limit_is_reset_not_ended(attempt: int) -> None:
+    # A step reading to the end must tell a truncated download from a
+    # complete one: the cut is a reset, never a clean end of stream.
+    limit = 100_000 + attempt * 7_919
+    source = Source(1 << 20)
+    harness = Harness([source.port], limits=ForwardLimits(2, 8, limit, 2))
+    harness.hand_over()
+    conn = harness.connect(source.port)
+    # Every byte forwarded arrives, then the reset.
+    assert read_to_end(conn) == (limit, "reset")
+    conn.close()
+    harness.forwarder.stop()
+    source.close()
+    records = harness.kinds("egress.connection")
+    assert [(r["outcome"], r["bytes_out"], r["bytes_in"]) for r in records] == [
+        ("byte_limit", 0, limit)]
+    assert [r["reason"] for r in harness.kinds("egress.refused")] == ["byte_limit"]
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_an_upload_cut_by_the_byte_limit_is_reset_at_the_destination(attempt: int) -> None:
+    limit = 100_000 + attempt * 7_919
+    sink = Sink()
+    harness = Harness([sink.port], limits=ForwardLimits(2, 8, limit, 2))
+    harness.hand_over()
+    conn = harness.connect(sink.port)
+    with contextlib.suppress(OSError):  # the cut may reach the sender first
+        conn.sendall(os.urandom(1 << 20))
+        conn.shutdown(socket.SHUT_WR)
+    assert read_to_end(conn)[1] == "reset"
+    conn.close()
+    assert sink.done.acquire(timeout=10)
+    harness.forwarder.stop()
+    sink.close()
+    assert (sink.received, sink.endings) == ([limit], ["reset"])
+    records = harness.kinds("egress.connection")
+    assert [(r["outcome"], r["bytes_out"], r["bytes_in"]) for r in records] == [
+        ("byte_limit", limit, 0)]
+    assert [r["reason"] for r in harness.kinds("egress.refused")] == ["byte_limit"]
+
+
+def test_the_byte_limit_resets_every_open_connection(echo: Echo) -> None:
+    source = Source(1 << 20)
+    harness = Harness([echo.port, source.port], limits=ForwardLimits(2, 8, 100_000, 2))
+    harness.hand_over()
+    idle = harness.connect(echo.port)
+    idle.sendall(b"i")
+    assert idle.recv(10) == b"i"
+    cut = harness.connect(source.port)
+    assert read_to_end(cut) == (100_000 - 2, "reset")
+    assert read_to_end(idle) == (0, "reset")
+    for conn in (idle, cut):
+        conn.close()
+    harness.forwarder.stop()
+    source.close()
+    records = harness.kinds("egress.connection")
+    assert sorted((r["endpoint"], r["outcome"], r["bytes_out"], r["bytes_in"])
+                  for r in records) == sorted([(f"e{echo.port}", "byte_limit", 1, 1),
+                                               (f"e{source.port}", "byte_limit", 0, 99_998)])
+    assert [r["reason"] for r in harness.kinds("egress.refused")] == ["byte_limit"]
+
+
+def test_an_end_from_the_far_side_stays_a_half_close() -> None:
+    # The destination ends its stream: the step reads a clean end and can
+    # still send, and the destination still reads what it sends.
+    source = Source(200_000, then="half_close")
+    harness = Harness([source.port])
+    harness.hand_over()
+    conn = harness.connect(source.port)
+    assert read_to_end(conn) == (200_000, "eof")
+    conn.sendall(b"after the end")
+    conn.shutdown(socket.SHUT_WR)
+    assert source.done.acquire(timeout=10)
+    conn.close()
+    harness.forwarder.stop()
+    source.close()
+    assert source.received == [len(b"after the end")]
+    records = harness.kinds("egress.connection")
+    assert [(r["outcome"], r["bytes_out"], r["bytes_in"]) for r in records] == [
+        ("closed", len(b"after the end"), 200_000)]
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_a_reset_by_the_destination_reaches_the_step_as_a_reset(attempt: int) -> None:
+    source = Source(50_000 + attempt, then="reset")
+    harness = Harness([source.port])
+    harness.hand_over()
+    conn = harness.connect(source.port)
+    conn.sendall(b"g")
+    assert read_to_end(conn)[1] == "reset"
+    conn.close()
+    harness.forwarder.stop()
+    source.close()
+    assert [r["outcome"] for r in harness.kinds("egress.connection")] == ["reset"]
+
+
 def test_destinations_are_tried_in_order(echo: Echo) -> None:
     dead = socket.create_server(("127.0.0.1", 0))
     dead_port = dead.getsockname()[1]
@@ -219,11 +375,8 @@ def test_stop_cuts_connections_still_open(echo: Echo) -> None:
     started = time.monotonic()
     harness.forwarder.stop()
     assert time.monotonic() - started < 5
-    try:
-        ended = conn.recv(10)
-    except ConnectionResetError:
-        ended = b""
-    assert ended == b""  # the step side sees the end
+    with pytest.raises(ConnectionResetError):  # a cut, never a clean end
+        conn.recv(10)
     conn.close()
     assert [r["outcome"] for r in harness.kinds("egress.connection")] == ["step_ended"]
     harness.forwarder.stop()  # idempotent
