@@ -12,9 +12,12 @@ One invocation measures, in fresh processes each time:
   median wall time, and median CPU time of the whole process tree (engine,
   watchdog, launcher, step), which moves less than wall time on a busy machine;
 - with ``--phases``: the same run with a timeline, split into interpreter
-  start, imports, policy load, lock, history and audit, signer, admission
-  (verification), preflight, watchdog start, launcher start, tree watch
-  start, the scheduler (the step), registry, closing the helpers, and exit;
+  start, imports, the early spawn of the watchdog and the launcher (before
+  the engine import; their interpreters start while it imports), policy
+  load, lock, history and audit, signer, admission (verification),
+  preflight, watchdog start (run cgroup, config, ``ready``), launcher start
+  (its greeting), tree watch start, the scheduler (the step), registry,
+  closing the helpers, and exit;
   plus the time inside state writes, audit appends and durable writes
   (temp, fsync, rename, fsync dir), which overlap the rows above. The
   timeline wraps those functions by name as their modules load, so it costs
@@ -66,6 +69,7 @@ print((time.perf_counter() - started) * 1000)
 # (label, module, attribute path): wrapped when the module is imported. Rows
 # marked "overlaps" are inside the others and are shown apart.
 PHASES: tuple[tuple[str, str, str], ...] = (
+    ("spawn watchdog and launcher", "haios.cli.main", "_spawn_helpers"),
     ("policy load", "haios.app", "load_policy"),
     ("lock: os_root, run area", "haios.osroot", "OsRoot.__init__"),
     ("lock: os_root, run area", "haios.area", "RunArea.acquire"),
@@ -74,8 +78,8 @@ PHASES: tuple[tuple[str, str, str], ...] = (
     ("signer load", "haios.signing", "EngineSigner.load"),
     ("admission (verification)", "haios.engine", "admit"),
     ("preflight", "haios.guard.preflight", "preflight"),
-    ("watchdog start", "haios.watchdog.client", "Watchdog.start"),
-    ("launcher start", "haios.sandbox.launcher", "Launcher.start"),
+    ("watchdog start: config, ready", "haios.watchdog.client", "Watchdog.start"),
+    ("launcher start: greeting", "haios.sandbox.launcher", "PendingLauncher.wait_ready"),
     ("tree watch start", "haios.sandbox.treewatch", "TreeWatch.start"),
     ("scheduler (the step)", "haios.run.scheduler", "Scheduler.run"),
     ("registry write", "haios.engine", "write_registry"),

@@ -14,17 +14,22 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from haios import events as ev
 from haios._util.safedir import SafeDir
 from haios.engine import Services, run_plan
 from haios.errors import HaiosError
 from haios.execute import StepBounds, TreeTracker
+from haios.guard.api import GuardRequest, StepGuard
 from haios.load.policy import Policy, load_policy, resolve_policy_dir
 from haios.models.plan import PlanStep
 from haios.osroot import METRICS_FILE, STATE_FILE, OsRoot
 from haios.sandbox.spec import StepOutcome, StepSpec
+
+if TYPE_CHECKING:
+    from haios.sandbox.launcher import PendingLauncher
+    from haios.watchdog.client import PendingWatchdog
 
 
 class _LauncherRunner:
@@ -32,14 +37,16 @@ class _LauncherRunner:
 
     Forking cost grows with the forking process's memory; the launcher is a
     fresh, small interpreter, so launch cost does not grow with the engine.
+    `pending` is the launcher `haios run` spawned ahead: only its greeting
+    is awaited here.
     """
 
-    def __init__(self, policy: Policy) -> None:
+    def __init__(self, policy: Policy, pending: PendingLauncher | None = None) -> None:
         # Profiles travel with each step's spec; the launcher needs no policy.
         from haios.sandbox.launcher import Launcher
         from haios.sandbox.runner import NamespaceRunner
 
-        self.launcher = Launcher.start()
+        self.launcher = pending.wait_ready() if pending is not None else Launcher.start()
         self.runner = NamespaceRunner(launcher=self.launcher)
 
     def run(self, spec: StepSpec, *, on_start: Callable[[int], None] | None = None
@@ -69,20 +76,37 @@ def _trees() -> TreeTracker:
     return TreeWatch.start()
 
 
-def default_services() -> Services:
+def default_services(*, watchdog: PendingWatchdog | None = None,
+                     launcher: PendingLauncher | None = None) -> Services:
     """The production parts: namespace sandbox, watchdog + Vault guard, uid pool,
-    tree-wide limits and SIGSYS watch (imported lazily)."""
+    tree-wide limits and SIGSYS watch (imported lazily).
+
+    `watchdog` and `launcher` are processes spawned ahead; the run takes
+    them over where it would otherwise spawn them (None: it spawns there).
+    """
     from haios.guard.preflight import preflight
     from haios.guard.run_guard import make_guard
 
-    return Services(runner_factory=_LauncherRunner, guard_factory=make_guard, preflight=preflight,
+    def guard(request: GuardRequest) -> StepGuard:
+        return make_guard(request, watchdog=watchdog)
+
+    def runner(policy: Policy) -> _LauncherRunner:
+        return _LauncherRunner(policy, launcher)
+
+    return Services(runner_factory=runner, guard_factory=guard, preflight=preflight,
                     bounds_factory=_bounds, tree_tracker=_trees)
 
 
 def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, str], *,
                 jobs: int, metrics_addr: tuple[str, int] | None,
-                services: Services | None = None) -> tuple[int, dict[str, Any] | None, str]:
+                services: Services | None = None, watchdog: PendingWatchdog | None = None,
+                launcher: PendingLauncher | None = None
+                ) -> tuple[int, dict[str, Any] | None, str]:
     """`haios run`: returns (exit code, final state document, message).
+
+    `watchdog` and `launcher`, spawned ahead by the CLI, go to the default
+    services (not to `services`). What the run does not take over stays the
+    caller's to discard.
 
     Raises:
         HaiosError: a refusal (its exit code is the process's).
@@ -94,7 +118,7 @@ def run_command(os_root: Path, policy_option: Path | None, environ: dict[str, st
                                             environ))
     bus = ev.EventBus()
     recorder = MetricsRecorder()
-    chosen = services or default_services()
+    chosen = services or default_services(watchdog=watchdog, launcher=launcher)
     chosen.subscribers.append(recorder.on_event)  # after the audit log (engine subscribes)
     progress = open_progress(sys.stderr, environ=environ,
                              state_dir=policy.file.engine.state_dir)

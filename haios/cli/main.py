@@ -9,17 +9,22 @@ is the only place with a broad `except`, and it maps to exit 70.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
 from haios import __version__
 from haios._util.strict_json import printable
 from haios.errors import EXIT_INTERNAL, EXIT_USAGE, HaiosError
+
+if TYPE_CHECKING:
+    from haios.sandbox.launcher import PendingLauncher
+    from haios.watchdog.client import PendingWatchdog
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -131,6 +136,33 @@ def cli() -> None:
     """haios: verify a signed plan and its attested inputs, then run it sandboxed."""
 
 
+def _spawn_helpers(spawned: contextlib.ExitStack
+                   ) -> tuple[PendingWatchdog | None, PendingLauncher | None]:
+    """Spawn the watchdog and the sandbox launcher before the engine is imported.
+
+    Their interpreters start while the engine imports and verifies; neither
+    takes anything of the run before the run reaches it (the watchdog's
+    config, the launcher's first step), so the refusal order is unchanged.
+    The run takes over what it uses; `spawned` kills and reaps the rest when
+    `run` ends, so a refused run leaves no process behind. A spawn that fails
+    here is left to the run, which spawns where it needs the process and
+    refuses there (exit 6 after busy, kill switch and admission).
+    """
+    from haios.sandbox.launcher import PendingLauncher
+    from haios.watchdog.client import PendingWatchdog
+
+    watchdog: PendingWatchdog | None = None
+    launcher: PendingLauncher | None = None
+    with contextlib.suppress(OSError):
+        watchdog = PendingWatchdog.spawn()
+        spawned.callback(watchdog.discard)
+    with contextlib.suppress(HaiosError):
+        # Here, on the main thread: the launcher's parent-death signal follows it.
+        launcher = PendingLauncher.spawn()
+        spawned.callback(launcher.discard)
+    return watchdog, launcher
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("os_root", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--policy", "policy_dir", type=click.Path(path_type=Path),
@@ -148,11 +180,14 @@ def run(os_root: Path, policy_dir: Path | None, jobs: int,
     line per event otherwise. stdout carries only the result.
     """
     try:
-        from haios.app import run_command
+        with contextlib.ExitStack() as spawned:
+            watchdog, launcher = _spawn_helpers(spawned)
+            from haios.app import run_command
 
-        _resume_collection(freeze=True)
-        code, document, message = run_command(os_root, policy_dir, dict(os.environ), jobs=jobs,
-                                              metrics_addr=metrics_addr)
+            _resume_collection(freeze=True)
+            code, document, message = run_command(
+                os_root, policy_dir, dict(os.environ), jobs=jobs, metrics_addr=metrics_addr,
+                watchdog=watchdog, launcher=launcher)
     except Exception as exc:  # the one broad catch: map to the contract's codes
         _fail(exc, command="run", as_json=as_json, os_root=os_root, policy_dir=policy_dir)
     if document is None and as_json:

@@ -19,33 +19,37 @@ from pathlib import Path
 from haios import events as ev
 from haios.errors import HaiosError, KilledError, WatchdogLostError
 from haios.guard.api import GuardRequest
-from haios.watchdog.client import Engagement, KillReport, Watchdog
+from haios.watchdog.client import Engagement, KillReport, PendingWatchdog, Watchdog
 from haios.watchdog.flags import engaged_flag
 
 
 class KillWatch:
     """Registers step trees with the watchdog and remembers which flag killed what."""
 
-    def __init__(self, request: GuardRequest) -> None:
+    def __init__(self, request: GuardRequest, process: PendingWatchdog | None = None) -> None:
+        """`process`: a watchdog spawned ahead, for `start` to configure (else it spawns one)."""
         self.request = request
         self.watchdog: Watchdog | None = None
+        self._process = process
         self._kills: dict[str, str] = {}
         self._lost: HaiosError | None = None
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        """Start the run's watchdog process.
+        """Start the run's watchdog: configure the one spawned ahead, or spawn one.
 
         Raises:
             EnvironmentUnavailableError: it cannot start (exit 6).
         """
         request = self.request
+        process, self._process = self._process, None
         self.watchdog = Watchdog.start(
             control_dir=request.osr.path / "control",
             extra_paths=request.policy.kill_paths,
             journal_path=request.journal_path,
             run_id=f"{request.run_id}-{os.getpid()}-{pyrandom.token_hex(3)}",
             on_kill=self._on_kill, on_lost=self._on_lost, on_engaged=self._on_engaged,
+            process=process,
         )
 
     def register(self, step_id: str) -> str | None:

@@ -24,6 +24,7 @@ from haios.guard.preflight import resolve_egress
 from haios.guard.vault_grants import VaultGrants
 from haios.models.plan import PlanStep
 from haios.sandbox.spec import EgressRoute
+from haios.watchdog.client import PendingWatchdog
 
 
 class RunGuard:
@@ -104,8 +105,13 @@ class RunGuard:
             self.kills.close()
 
 
-def make_guard(request: GuardRequest, environ: Mapping[str, str] | None = None) -> RunGuard:
+def make_guard(request: GuardRequest, environ: Mapping[str, str] | None = None, *,
+               watchdog: PendingWatchdog | None = None) -> RunGuard:
     """The run's guard: egress pinned, Vault session open, watchdog started.
+
+    `watchdog` is the process `haios run` spawned ahead; it is configured
+    here, after everything that can refuse first. Not taken (a refusal
+    before), it stays its spawner's to discard.
 
     Raises:
         SandboxSetupError: an egress endpoint is refused (exit 6).
@@ -113,11 +119,11 @@ def make_guard(request: GuardRequest, environ: Mapping[str, str] | None = None) 
         EnvironmentUnavailableError: the watchdog cannot start (exit 6).
 
     Side Effects:
-        Resolves names, contacts Vault, spawns the watchdog process.
+        Resolves names, contacts Vault, starts (or spawns) the watchdog process.
     """
     env = environ if environ is not None else os.environ
     vault = _vault_grants(request, env)
-    guard = RunGuard(request, KillWatch(request), vault)
+    guard = RunGuard(request, KillWatch(request, watchdog), vault)
     # Before the Vault session and the watchdog: a refused endpoint leaves
     # nothing behind to clean up.
     guard.pin_egress(env)

@@ -8,7 +8,10 @@ forks every step's init on the engine's behalf, so launch cost does not grow
 with the engine, and forks the next init while the current step runs, so
 the fork is off the next step's path (`_launcher_main`). Pass it to
 ``NamespaceRunner(launcher=...)``; the confinement is byte-for-byte the same
-code (`_child.py`).
+code (`_child.py`). `Launcher.start` is `PendingLauncher.spawn` then
+`wait_ready`; `haios run` calls the two apart, spawning before it imports
+the engine and reading the greeting when the run needs the launcher, so
+the interpreter's start-up is off the run's path.
 
 Protocol: see `_launcher_main`. Each step gets its own reply socket, so
 engine threads never read each other's messages; sends on the shared control
@@ -33,6 +36,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Final, Self
 
+from haios._util.process import wait_exited
 from haios.errors import SandboxSetupError
 from haios.sandbox import _supervise
 from haios.sandbox._launchplan import LaunchPlan, to_wire
@@ -64,26 +68,30 @@ def _receive(sock: socket.socket, max_fds: int) -> tuple[dict[str, Any], list[in
     return data, fds
 
 
-class Launcher:
-    """A running launcher process; use `start`, then pass to `NamespaceRunner`."""
+class PendingLauncher:
+    """A launcher process spawned, its greeting not read yet.
+
+    Spawn it from the main thread (its parent-death signal follows the
+    thread that spawned it) and early: nothing of the run goes into it
+    until a step. `wait_ready` hands it over to a `Launcher`; until then
+    `discard` kills and reaps it (idempotent, a no-op once handed over).
+    """
 
     def __init__(self, process: subprocess.Popen[bytes], control: socket.socket) -> None:
-        """Wrap an already started launcher (use `start`)."""
+        """Hold a spawned launcher (use `spawn`)."""
         self._process = process
         self._control = control
-        self._send_lock = threading.Lock()
+        self._taken = False
 
     @classmethod
-    def start(cls, python: str = sys.executable) -> Launcher:
-        """Start the launcher and wait until it is ready.
-
-        Call it early, from the main thread, before the engine grows.
+    def spawn(cls, python: str = sys.executable) -> PendingLauncher:
+        """Start the launcher process; do not wait for it.
 
         Args:
             python: the interpreter to run it with.
 
         Raises:
-            SandboxSetupError: it could not be started or did not answer.
+            SandboxSetupError: it could not be started.
 
         Side Effects:
             Starts a process (in its own session) holding one socket.
@@ -110,21 +118,82 @@ class Launcher:
             raise SandboxSetupError(f"cannot start the sandbox launcher ({exc.strerror})") from exc
         finally:
             theirs.close()
-        ours.settimeout(START_TIMEOUT_SECONDS)
+        return cls(process, ours)
+
+    @property
+    def pid(self) -> int:
+        """The launcher's pid."""
+        return self._process.pid
+
+    def wait_ready(self, timeout_seconds: float = START_TIMEOUT_SECONDS) -> Launcher:
+        """Wait for the launcher's greeting; it is the returned `Launcher`'s from then on.
+
+        Raises:
+            SandboxSetupError: it did not answer, answered wrong, or was
+                discarded (a failed one is killed and reaped).
+
+        Side Effects:
+            Reads the control socket; may kill the process.
+        """
+        if self._taken:
+            raise SandboxSetupError("sandbox launcher already handed over or discarded")
+        self._taken = True
+        ours, process = self._control, self._process
+        ours.settimeout(timeout_seconds)
         try:
             ready, _fds = _receive(ours, 0)
         except (OSError, EOFError, ValueError) as exc:
-            process.kill()
-            process.wait()
-            ours.close()
+            _reap(process, ours)
             raise SandboxSetupError(f"sandbox launcher did not start ({exc})") from exc
         if ready.get("ready") != process.pid:
-            process.kill()
-            process.wait()
-            ours.close()
+            _reap(process, ours)
             raise SandboxSetupError("sandbox launcher sent an unexpected greeting")
         ours.settimeout(None)
-        return cls(process, ours)
+        return Launcher(process, ours)
+
+    def discard(self) -> None:
+        """Kill and reap the launcher unless it was handed over.
+
+        Side Effects:
+            Sends SIGKILL, waits, closes the control socket.
+        """
+        if not self._taken:
+            self._taken = True
+            _reap(self._process, self._control)
+
+
+def _reap(process: subprocess.Popen[bytes], control: socket.socket) -> None:
+    """Kill a launcher that was never handed a step, reap it, close its socket."""
+    process.kill()  # a no-op once reaped
+    process.wait()
+    control.close()
+
+
+class Launcher:
+    """A running launcher process; use `start`, then pass to `NamespaceRunner`."""
+
+    def __init__(self, process: subprocess.Popen[bytes], control: socket.socket) -> None:
+        """Wrap an already started launcher (use `start`)."""
+        self._process = process
+        self._control = control
+        self._send_lock = threading.Lock()
+
+    @classmethod
+    def start(cls, python: str = sys.executable) -> Launcher:
+        """Start the launcher and wait until it is ready.
+
+        Call it early, from the main thread, before the engine grows.
+
+        Args:
+            python: the interpreter to run it with.
+
+        Raises:
+            SandboxSetupError: it could not be started or did not answer.
+
+        Side Effects:
+            Starts a process (in its own session) holding one socket.
+        """
+        return PendingLauncher.spawn(python).wait_ready()
 
     @property
     def pid(self) -> int:
@@ -224,9 +293,7 @@ class Launcher:
             Closes the control socket; may kill the launcher process.
         """
         self._control.close()
-        try:
-            self._process.wait(timeout=STOP_TIMEOUT_SECONDS)
-        except subprocess.TimeoutExpired:
+        if not wait_exited(self._process, STOP_TIMEOUT_SECONDS):
             self._process.kill()
             self._process.wait()
 

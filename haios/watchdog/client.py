@@ -4,10 +4,13 @@
 `Watchdog.start` creates the run's parent cgroup, spawns the watchdog as a
 separate process in its own session (`python -I -S`, so neither the
 environment nor site-packages shape it), sends it its configuration and
-waits for `ready`. A reader thread then delivers the watchdog's messages to
-the engine's callbacks. The engine keeps the write end of the watchdog's
-stdin: when the engine dies for any reason the pipe closes and the watchdog
-kills every step tree of the run.
+waits for `ready`. The spawn needs nothing of the run, so `haios run` does
+it first (`PendingWatchdog.spawn`) and hands the process to `start`: its
+interpreter starts while the engine imports and verifies. A reader thread
+then delivers the watchdog's messages to the engine's callbacks. The engine
+keeps the write end of the watchdog's stdin: when the engine dies for any
+reason the pipe closes and the watchdog kills every step tree of the run
+(one not configured yet only exits).
 
 The engine's sequence (docs/watchdog.md section 2): `global_flag_present`
 before anything (exit 4); `Watchdog.start`; per step `create_step_cgroup`,
@@ -18,7 +21,8 @@ contract section 12).
 
 What it does not do: it does not record kills in state or the audit log (the
 engine does, from `on_kill`), and does not run steps. I/O: spawns a process,
-pipes, cgroup directories, one thread.
+pipes, cgroup directories, one thread (and a timer while a spawned watchdog
+waits to be taken).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Final, Self
 
 import haios
+from haios._util.process import wait_exited
 from haios.errors import (
     EnvironmentUnavailableError,
     HaiosError,
@@ -47,6 +52,7 @@ __all__ = [
     "DEFAULT_POLL_SECONDS",
     "Engagement",
     "KillReport",
+    "PendingWatchdog",
     "Watchdog",
     "global_flag_present",
     "step_flag_present",
@@ -60,6 +66,10 @@ DEFAULT_START_TIMEOUT_SECONDS: Final = 10.0
 # 5 s kill deadline), so its answer gets more than that.
 DEFAULT_REGISTER_TIMEOUT_SECONDS: Final = 15.0
 DEFAULT_CLOSE_TIMEOUT_SECONDS: Final = 15.0
+#: a watchdog spawned ahead that no run took by then is killed: well before
+#: it stops waiting for its config (`_daemon.CONFIG_TIMEOUT_SECONDS`, 10 s)
+#: and says so on the engine's stderr; `start` then spawns a fresh one
+PENDING_MAX_AGE_SECONDS: Final = 5.0
 
 # Run by `python -I -S -c`: -I ignores PYTHON* variables, the user site and
 # the current directory; -S skips site-packages (the watchdog needs only the
@@ -125,6 +135,71 @@ class _Waiter:
     refusal: str | None = None
 
 
+class PendingWatchdog:
+    """A watchdog process spawned ahead of its run, waiting for its config.
+
+    Most of a watchdog's start-up is its interpreter's, and the process
+    takes nothing of the run until its config, so `haios run` spawns it
+    before importing the engine and `Watchdog.start(process=...)` takes it
+    over. Until then `discard` kills and reaps it (idempotent, and a no-op
+    once taken). A timer discards it after `PENDING_MAX_AGE_SECONDS`.
+    Thread-safe.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], *,
+                 max_age_seconds: float = PENDING_MAX_AGE_SECONDS) -> None:
+        """Hold a spawned watchdog; use `PendingWatchdog.spawn` instead."""
+        self._process: subprocess.Popen[bytes] | None = process
+        self._pid = process.pid
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max_age_seconds, self.discard)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @classmethod
+    def spawn(cls, *, max_age_seconds: float = PENDING_MAX_AGE_SECONDS) -> PendingWatchdog:
+        """Spawn a watchdog process now; it waits for its config.
+
+        Raises:
+            OSError: the interpreter could not be started.
+
+        Side Effects:
+            Forks and executes the Python interpreter; starts a timer thread.
+        """
+        return cls(_spawn(), max_age_seconds=max_age_seconds)
+
+    @property
+    def pid(self) -> int:
+        """The spawned process's pid (it may be gone)."""
+        return self._pid
+
+    def take(self) -> subprocess.Popen[bytes] | None:
+        """Hand the process over; None if it was discarded or has exited.
+
+        Side Effects:
+            Reaps the process if it exited.
+        """
+        with self._lock:
+            process, self._process = self._process, None
+        self._timer.cancel()
+        if process is not None and process.poll() is not None:
+            _reap(process)
+            return None
+        return process
+
+    def discard(self) -> None:
+        """Kill and reap the process unless it was taken.
+
+        Side Effects:
+            Sends SIGKILL, waits, closes the pipes.
+        """
+        with self._lock:
+            process, self._process = self._process, None
+        self._timer.cancel()
+        if process is not None:
+            _reap(process)
+
+
 class Watchdog:
     """A running watchdog process and the engine's channel to it.
 
@@ -182,6 +257,7 @@ class Watchdog:
         disable_inotify: bool = False,
         poll_interval_seconds: float = DEFAULT_POLL_SECONDS,
         start_timeout_seconds: float = DEFAULT_START_TIMEOUT_SECONDS,
+        process: PendingWatchdog | None = None,
     ) -> Watchdog:
         """Create the run cgroup, spawn the watchdog, wait until it watches.
 
@@ -200,6 +276,9 @@ class Watchdog:
             disable_inotify: poll only (tests; file systems without inotify).
             poll_interval_seconds: polling period without inotify.
             start_timeout_seconds: how long to wait for `ready`.
+            process: a watchdog spawned ahead, taken over here (killed on
+                any failure); one discarded or dead is replaced by a fresh
+                spawn, as is None.
 
         Returns:
             The running watchdog.
@@ -214,8 +293,14 @@ class Watchdog:
         Side Effects:
             Creates a cgroup directory, spawns a process, starts a thread.
         """
-        extra = check_extra_paths(extra_paths)
-        run_cgroup = cgroups.create_run_cgroup(run_id, root=cgroup_root)
+        spawned = process.take() if process is not None else None
+        try:
+            extra = check_extra_paths(extra_paths)
+            run_cgroup = cgroups.create_run_cgroup(run_id, root=cgroup_root)
+        except BaseException:
+            if spawned is not None:
+                _reap(spawned)
+            raise
         config = protocol.Config(
             version=protocol.PROTOCOL_VERSION,
             run_id=run_id,
@@ -226,12 +311,13 @@ class Watchdog:
             poll_interval_seconds=poll_interval_seconds,
             use_inotify=not disable_inotify,
         )
-        try:
-            process = _spawn()
-        except OSError as e:
-            cgroups.remove_cgroup(run_cgroup)
-            raise EnvironmentUnavailableError(f"cannot start the watchdog: {e}") from e
-        watchdog = cls(process, run_cgroup, on_kill=on_kill, on_lost=on_lost, on_engaged=on_engaged)
+        if spawned is None:
+            try:
+                spawned = _spawn()
+            except OSError as e:
+                cgroups.remove_cgroup(run_cgroup)
+                raise EnvironmentUnavailableError(f"cannot start the watchdog: {e}") from e
+        watchdog = cls(spawned, run_cgroup, on_kill=on_kill, on_lost=on_lost, on_engaged=on_engaged)
         watchdog._await_ready(config, start_timeout_seconds)
         return watchdog
 
@@ -440,9 +526,7 @@ class Watchdog:
         with contextlib.suppress(WatchdogLostError):
             self._send(protocol.Shutdown())
         self._close_stdin()
-        try:
-            self._process.wait(timeout_seconds)
-        except subprocess.TimeoutExpired:
+        if not wait_exited(self._process, timeout_seconds):
             self._process.kill()
             self._process.wait()
         if threading.current_thread() is not self._reader:
@@ -592,6 +676,15 @@ class Watchdog:
         if isinstance(message, protocol.Refused):
             waiter.refusal = message.reason
         waiter.done.set()
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Kill a watchdog that never watched (it holds nothing yet), reap it, close its pipes."""
+    process.kill()  # a no-op once reaped
+    process.wait()
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            pipe.close()
 
 
 def _spawn() -> subprocess.Popen[bytes]:
