@@ -23,7 +23,7 @@ for 100 steps (goal <= 1.5x); the 1,000-step marginal vs the 100-step one
 (goal <= 1.2x); 1-step startup vs 250 ms (goal < 1.0x); launcher launch vs
 bwrap (goal <= 1.0x).
 
-Plans are signed and valid (tests/world.py builds keys, policy and os_roots,
+Plans are signed and valid (tests/support/world.py builds keys, policy and os_roots,
 as the integration tests do) under a scratch directory in /tmp, removed at
 the end. Each run must exit 0 and leave one cost record per step. A
 1,000-step plan takes about a minute per ``--jobs`` value.
@@ -55,7 +55,7 @@ from typing import Any, TextIO
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.world import World, plan, step  # noqa: E402
+from tests.support.world import World, plan, step  # noqa: E402
 
 DEFAULT_SIZES = (10, 100, 1000)
 QUICK_SIZES = (10, 100)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.world import World, plan, sh, step
+from tests.support.world import World, plan, sh, step
 
 GOAL_SECONDS = 5.0
 

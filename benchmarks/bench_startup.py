@@ -55,7 +55,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_engine_overhead import haios_command  # noqa: E402
-from tests.world import World, plan, step  # noqa: E402
+from tests.support.world import World, plan, step  # noqa: E402
 
 STARTUP_GOAL_MS = 250.0
 

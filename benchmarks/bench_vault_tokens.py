@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Per-step Vault token overhead: haios vs a bare hvac create+revoke loop.
 
-Starts an OpenBao dev server (tests/openbao.py), then measures, in the same
+Starts an OpenBao dev server (tests/support/openbao.py), then measures, in the same
 run and interleaved in blocks so drift hits both alike:
 
 - bare:  hvac `auth.token.create` (the same request haios sends) followed by
@@ -35,7 +35,7 @@ from haios.secrets import (
     SecretProvider,
     write_token_into,
 )
-from tests.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
+from tests.support.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
 
 GRANT = ScopeGrant((REPORTS_POLICY,), ttl_seconds=120)
 TTL_SECONDS = 60

@@ -33,7 +33,7 @@ from haios.models.plan import ExecPlan
 from haios.osroot import OsRoot
 from haios.verify.dsse import verify_detached
 from haios.verify.links import verify_link
-from tests.world import World, plan, sh, step
+from tests.support.world import World, plan, sh, step
 
 
 def build(base: Path, inputs: int, size: int) -> tuple[World, Path]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.world import World, plan, sh, step
+from tests.support.world import World, plan, sh, step
 
 DATA = b"a,b\n1,2\n"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.world import Result, World
+from tests.support.world import Result, World
 
 TRACEBACK = "Traceback (most recent call last)"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from haios._util.safedir import SafeDir
 from haios.models.state import RunState
 from haios.state.store import read_signed
-from tests.keys import KeyFile
+from tests.support.keys import KeyFile
 
 WRITER = r"""
 import sys

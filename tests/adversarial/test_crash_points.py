@@ -30,8 +30,8 @@ from typing import Any
 
 import pytest
 
-from tests.sandbox_helpers import status_fields
-from tests.world import World, plan, py, read_json, sh, step
+from tests.support.sandbox import status_fields
+from tests.support.world import World, plan, py, read_json, sh, step
 
 POOL = range(600_000, 600_000 + 65_536)
 CGROUP_V1 = (Path("/sys/fs/cgroup/memory/haios"), Path("/sys/fs/cgroup/pids/haios"))

@@ -31,7 +31,7 @@ from haios.events import Event
 from haios.sandbox.launcher import Launcher
 from haios.sandbox.runner import NamespaceRunner
 from haios.sandbox.spec import EgressRoute
-from tests.egress_support import (
+from tests.support.egress import (
     PROBE_NET,
     HttpsServer,
     OtherHost,
@@ -39,7 +39,7 @@ from tests.egress_support import (
     TestCA,
     UdpRecorder,
 )
-from tests.sandbox_helpers import PRELUDE, ProbeRun, make_spec, run_spec, workspace_path
+from tests.support.sandbox import PRELUDE, ProbeRun, make_spec, run_spec, workspace_path
 
 LIMITS = ForwardLimits(connections_max=4, connections_total_max=64, bytes_max=1 << 20,
                        connect_timeout_seconds=5)

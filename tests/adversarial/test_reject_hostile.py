@@ -21,7 +21,7 @@ import pytest
 from haios._util.strict_json import printable
 from tests.adversarial.conftest import DATA, baseline_plan
 from tests.adversarial.helpers import assert_refused
-from tests.world import World
+from tests.support.world import World
 
 HOSTILE_KEYS = {
     "nul": "\x00",

@@ -15,8 +15,8 @@ import pytest
 from haios.cli.client import sign_file, write_link
 from tests.adversarial.conftest import DATA, baseline_plan
 from tests.adversarial.helpers import assert_refused
-from tests.keys import KeyFile
-from tests.world import World, expires, plan, sh, step
+from tests.support.keys import KeyFile
+from tests.support.world import World, expires, plan, sh, step
 
 
 def test_unsigned_plan(world: World, baseline: Path) -> None:

@@ -20,7 +20,7 @@ from haios._util.safedir import SafeDir
 from haios.errors import EXIT_REJECTED, InputError
 from tests.adversarial.conftest import DATA, baseline_plan
 from tests.adversarial.helpers import assert_refused
-from tests.world import World, expires, plan, sh, step
+from tests.support.world import World, expires, plan, sh, step
 
 #: a uid range of its own, so parallel runs on this host do not share the pool
 UID_BASE = 3_900_000 + (os.getpid() % 1000) * 10

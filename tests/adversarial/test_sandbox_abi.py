@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from haios.sandbox.runner import NamespaceRunner
-from tests.sandbox_helpers import (
+from tests.support.sandbox import (
     run_python_probe,
     workspace_path,
 )

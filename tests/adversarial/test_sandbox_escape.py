@@ -24,7 +24,7 @@ import pytest
 
 from haios.sandbox.profile import load_profile
 from haios.sandbox.runner import NamespaceRunner
-from tests.sandbox_helpers import (
+from tests.support.sandbox import (
     POLICY_DIR,
     ProbeRun,
     cost_path,

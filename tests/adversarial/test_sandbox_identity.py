@@ -20,7 +20,7 @@ import pytest
 
 from haios.sandbox.launcher import Launcher
 from haios.sandbox.runner import NamespaceRunner
-from tests.sandbox_helpers import (
+from tests.support.sandbox import (
     ProbeRun,
     make_spec,
     run_spec,

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from haios.sandbox.runner import NamespaceRunner
-from tests.sandbox_helpers import (
+from tests.support.sandbox import (
     make_spec,
     processes_of_uid,
     run_python_probe,

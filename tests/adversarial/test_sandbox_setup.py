@@ -25,7 +25,7 @@ from haios.sandbox.launcher import Launcher
 from haios.sandbox.preflight import check_sandbox_prerequisites
 from haios.sandbox.profile import load_profile
 from haios.sandbox.runner import NamespaceRunner
-from tests.sandbox_helpers import (
+from tests.support.sandbox import (
     MINIMAL_PROFILE,
     captured,
     make_spec,

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from tests.adversarial.conftest import DATA
-from tests.world import World, plan, read_json, sh, step
+from tests.support.world import World, plan, read_json, sh, step
 
 
 def test_inbox_swapped_after_verification_never_reaches_a_step(tmp_path: Path) -> None:

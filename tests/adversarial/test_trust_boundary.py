@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.world import World, plan, read_json, sh, step
+from tests.support.world import World, plan, read_json, sh, step
 
 CLIENT_UID = 4242  # not a host account, outside the policy's step uid pool
 POOL = range(600_000, 600_000 + 65_536)

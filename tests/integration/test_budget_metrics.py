@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.world import World, plan, py, read_json, sh, step
+from tests.support.world import World, plan, py, read_json, sh, step
 
 BURN = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
 CHILD_BURN = ("import subprocess, sys\nsubprocess.run([sys.executable, '-c', "

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.world import World, plan, step
+from tests.support.world import World, plan, step
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="runs the engine: needs root")
 

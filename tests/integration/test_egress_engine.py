@@ -25,7 +25,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.adversarial.helpers import traces
-from tests.egress_support import (
+from tests.support.egress import (
     PROBE_NET,
     HttpsServer,
     OtherHost,
@@ -33,8 +33,8 @@ from tests.egress_support import (
     TestCA,
     UdpRecorder,
 )
-from tests.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
-from tests.world import PROFILES, World, plan, py, read_json, step
+from tests.support.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
+from tests.support.world import PROFILES, World, plan, py, read_json, step
 
 #: probe helpers: each attempt records its errno (0/None: worked) and its duration
 NET = "import errno, json, os\nresults = {}\n" + PROBE_NET + r"""

@@ -16,7 +16,7 @@ import pytest
 
 from tests.adversarial.conftest import DATA, baseline_plan
 from tests.adversarial.helpers import traces
-from tests.world import World, plan, py, read_json, sh, step
+from tests.support.world import World, plan, py, read_json, sh, step
 
 COUNT = "tail -n +2 data.csv | wc -l | tr -d ' \\n' > count.txt"
 REPORT = ("import json, os\nn = int(open('count.txt').read())\n"

@@ -14,7 +14,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.world import World, plan, read_json, sh, step
+from tests.support.world import World, plan, read_json, sh, step
 
 
 @st.composite

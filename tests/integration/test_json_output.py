@@ -22,7 +22,7 @@ from typing import Any
 import jsonschema
 import pytest
 
-from tests.world import World, plan, py, read_json, sh, step
+from tests.support.world import World, plan, py, read_json, sh, step
 
 PROJECT = Path(__file__).resolve().parents[2]
 SCHEMAS = PROJECT / "schemas"

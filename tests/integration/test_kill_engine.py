@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.adversarial.test_kill_support import marker_pids, wait_for
-from tests.world import World, plan, py, read_json, sh, step
+from tests.support.world import World, plan, py, read_json, sh, step
 
 SPAWNER = r"""
 import os, signal, subprocess, sys, time

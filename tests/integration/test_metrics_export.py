@@ -11,7 +11,7 @@ show each alert firing. Every server listens on 127.0.0.1 on a free port
 and is stopped by PID.
 
 Debian packages: prometheus, prometheus-pushgateway, prometheus-node-exporter.
-The Vault test also starts a real OpenBao dev server (tests/openbao.py).
+The Vault test also starts a real OpenBao dev server (tests/support/openbao.py).
 
 Which test fires which shipped alert (deploy/prometheus/alerts.yml):
 
@@ -49,8 +49,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
-from tests.world import World, plan, py, read_json, sh, step
+from tests.support.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
+from tests.support.world import World, plan, py, read_json, sh, step
 
 PROJECT = Path(__file__).resolve().parents[2]
 ALERTS = PROJECT / "deploy" / "prometheus" / "alerts.yml"

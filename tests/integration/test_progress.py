@@ -31,7 +31,7 @@ from haios.cli.render import render_human
 from haios.models.policy import DEFAULT_STATE_DIR
 from tests.adversarial.conftest import DATA
 from tests.adversarial.test_kill_support import marker_pids, wait_for
-from tests.world import World, plan, py, read_json, sh, step
+from tests.support.world import World, plan, py, read_json, sh, step
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (.+)$")
 COUNT = "tail -n +2 data.csv | wc -l | tr -d ' \\n' > count.txt"

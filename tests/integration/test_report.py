@@ -34,8 +34,8 @@ from click.testing import CliRunner
 from haios.cli.client import cli
 from haios.report.model import Report
 from tests.adversarial.conftest import DATA
-from tests.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
-from tests.world import World, plan, py, read_json, sh, step
+from tests.support.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
+from tests.support.world import World, plan, py, read_json, sh, step
 
 COUNT = "tail -n +2 data.csv | wc -l | tr -d ' \\n' > count.txt"
 REPORT = ("import json, os\nn = int(open('count.txt').read())\n"
@@ -329,7 +329,7 @@ def _edit_first(pattern: str, edit: Callable[[bytes], bytes]) -> Callable[[Path]
 def _resign_sig(relative: str) -> Callable[[Path], None]:
     """Replace a signature with a valid one by a key the policy does not trust."""
     def mutate(root: Path) -> None:
-        from tests.keys import KeyFile, sign_bytes
+        from tests.support.keys import KeyFile, sign_bytes
 
         stranger = KeyFile(root.parent / "stranger", "stranger")
         data = (root / relative).read_bytes()

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from tests.adversarial.helpers import traces
-from tests.openbao import ENGINE_POLICY, REPORTS_POLICY, REPORTS_POLICY_HCL, OpenBaoServer
-from tests.world import World, plan, py, read_json, sh, step
+from tests.support.openbao import ENGINE_POLICY, REPORTS_POLICY, REPORTS_POLICY_HCL, OpenBaoServer
+from tests.support.world import World, plan, py, read_json, sh, step
 
 PROBE = r"""
 import json, os, urllib.request, urllib.error

@@ -16,7 +16,7 @@ import pytest
 
 from haios.errors import EXIT_ENVIRONMENT, VaultUnavailableError
 from haios.secrets import HvacProvider, ScopeGrant, provider_from_environment
-from tests.openbao import (
+from tests.support.openbao import (
     ENGINE_POLICY,
     OTHER_POLICY,
     REPORTS_POLICY,
@@ -24,7 +24,7 @@ from tests.openbao import (
     assert_no_secret,
 )
 
-pytest_plugins = ("tests.openbao",)
+pytest_plugins = ("tests.support.openbao",)
 
 REPORTS = ScopeGrant((REPORTS_POLICY,), ttl_seconds=120)
 CREATE_ONLY_HCL = 'path "auth/token/create" { capabilities = ["update", "sudo"] }'

@@ -28,9 +28,9 @@ from haios.secrets import (
     ScopeGrant,
     write_token_into,
 )
-from tests.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
+from tests.support.openbao import ENGINE_POLICY, REPORTS_POLICY, OpenBaoServer
 
-pytest_plugins = ("tests.openbao",)
+pytest_plugins = ("tests.support.openbao",)
 
 PAYLOAD = b"haios engine statement"
 

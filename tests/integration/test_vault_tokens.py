@@ -30,7 +30,7 @@ from haios.secrets import (
     revoke_leftovers,
     write_token_into,
 )
-from tests.openbao import (
+from tests.support.openbao import (
     ENGINE_POLICY,
     OTHER_POLICY,
     REPORTS_POLICY,
@@ -41,7 +41,7 @@ from tests.openbao import (
     assert_no_secret,
 )
 
-pytest_plugins = ("tests.openbao",)
+pytest_plugins = ("tests.support.openbao",)
 
 REPORTS = ScopeGrant((REPORTS_POLICY,), ttl_seconds=120)
 DENIED = (hvac.exceptions.Forbidden, hvac.exceptions.InvalidRequest)

@@ -12,7 +12,7 @@ import pytest
 
 from haios.errors import DigestError, InputError, SignatureError, ThresholdError
 from haios.verify.dsse import VerifiedStatement, verify_detached, verify_envelope
-from tests.keys import KeyFile, b64, envelope, role, sign_bytes, statement
+from tests.support.keys import KeyFile, b64, envelope, role, sign_bytes, statement
 
 DATA = b"a,b\n1,2\n"
 SHA = hashlib.sha256(DATA).hexdigest()

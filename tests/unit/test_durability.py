@@ -23,8 +23,8 @@ from haios._util.durability import Barrier
 from haios._util.safedir import SafeDir
 from haios.audit import AuditLog
 from haios.errors import CopyError, EnvironmentUnavailableError
-from tests.engine_fakes import EngineRig, expires_in
-from tests.world import plan, sh, step
+from tests.support.engine_fakes import EngineRig, expires_in
+from tests.support.world import plan, sh, step
 
 
 def _named(fd: int) -> str:

@@ -21,9 +21,9 @@ from haios.load.policy import load_policy
 from haios.metrics import MetricsRecorder
 from haios.models.plan import ExecPlan
 from haios.sandbox.profile import lint_profile_result, load_profile
-from tests.event_support import event
-from tests.sandbox_helpers import MINIMAL_PROFILE, POLICY_DIR, write_profile
-from tests.world import World, plan, sh, step
+from tests.support.events import event
+from tests.support.sandbox import MINIMAL_PROFILE, POLICY_DIR, write_profile
+from tests.support.world import World, plan, sh, step
 
 
 def with_network(text: str) -> str:

@@ -3,7 +3,7 @@
 
 Everything the engine verifies and records is real (keys, signed plan and
 inputs, signed state, audit chain, published outputs); only what surrounds
-a step is scripted (tests/engine_fakes.py): how it ends, whether the
+a step is scripted (tests/support/engine_fakes.py): how it ends, whether the
 watchdog killed it, whether the environment broke, and the clock. Each
 test asserts exit codes, final state and the event/audit record.
 """
@@ -37,7 +37,7 @@ from haios.errors import (
     VaultUnavailableError,
     WatchdogLostError,
 )
-from tests.engine_fakes import (
+from tests.support.engine_fakes import (
     FAKE_UID,
     FIXED_NOW,
     STAMP,
@@ -52,7 +52,7 @@ from tests.engine_fakes import (
     fixed_clock,
     product_of,
 )
-from tests.world import plan, sh, step
+from tests.support.world import plan, sh, step
 
 DATA = b"a,b\n1,2\n"
 #: long enough for any scripted hand-off between two worker threads

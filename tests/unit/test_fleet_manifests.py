@@ -50,7 +50,7 @@ from haios.load.policy import load_policy
 from haios.sandbox.preflight import REQUIRED_CAPABILITIES
 from haios.watchdog import _harden
 from haios.watchdog.cgroups import find_cgroup2_mount
-from tests.keys import KeyFile
+from tests.support.keys import KeyFile
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "kubernetes" / "base"

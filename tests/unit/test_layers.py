@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from tests.world import PROJECT
+from tests.support.world import PROJECT
 
 
 def test_import_contracts_are_kept() -> None:

@@ -23,7 +23,7 @@ from prometheus_client.samples import Sample
 
 from haios import errors, events
 from haios.errors import EnvironmentUnavailableError, InternalError, PathError
-from tests.event_support import event
+from tests.support.events import event
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from haios.errors import EXIT_ENVIRONMENT, PolicyLoadError
 from haios.load.policy import load_policy, resolve_policy_dir
-from tests.world import World
+from tests.support.world import World
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from haios.progress import (
     open_progress,
     status_text,
 )
-from tests.event_support import event as make_event
+from tests.support.events import event as make_event
 
 STATE_DIR = "/var/lib/haios"
 

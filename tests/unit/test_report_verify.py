@@ -13,7 +13,7 @@ import rfc8785
 
 from haios.errors import DigestError, InputError, SignatureError, ThresholdError
 from haios.report.verify import verify_detached, verify_embedded
-from tests.keys import KeyFile, envelope, sign_bytes, statement
+from tests.support.keys import KeyFile, envelope, sign_bytes, statement
 
 DATA = b"a,b\n1,2\n"
 SHA = hashlib.sha256(DATA).hexdigest()

@@ -18,7 +18,7 @@ from haios.sandbox import _plan
 from haios.sandbox.evidence import confinement_record
 from haios.sandbox.profile import load_profile
 from haios.sandbox.spec import EgressRoute, StepEgress
-from tests.sandbox_helpers import MINIMAL_PROFILE, make_spec, write_profile
+from tests.support.sandbox import MINIMAL_PROFILE, make_spec, write_profile
 
 
 def test_record_describes_the_applied_confinement(tmp_path: Path) -> None:

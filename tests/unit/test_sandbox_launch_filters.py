@@ -29,7 +29,7 @@ from haios.sandbox import _launchplan, _plan, seccomp
 from haios.sandbox.launcher import Launcher
 from haios.sandbox.runner import NamespaceRunner
 from haios.sandbox.spec import StepOutcome
-from tests.sandbox_helpers import make_spec, run_python_probe, shipped_profile
+from tests.support.sandbox import make_spec, run_python_probe, shipped_profile
 
 PTRACE_DETACH = 17
 PTRACE_SEIZE = 0x4206

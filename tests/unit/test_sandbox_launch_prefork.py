@@ -26,7 +26,7 @@ from haios.sandbox import _child, _launcher_main, _plan
 from haios.sandbox.launcher import Launcher
 from haios.sandbox.runner import NamespaceRunner
 from haios.sandbox.treewatch import TrackedTree, TreeWatch
-from tests.sandbox_helpers import captured, make_spec, processes_of_uid
+from tests.support.sandbox import captured, make_spec, processes_of_uid
 
 SIGSYS_CHILD = (
     "/bin/sh",

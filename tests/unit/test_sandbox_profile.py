@@ -16,8 +16,8 @@ import pytest
 
 from haios.errors import EXIT_ENVIRONMENT, PolicyLoadError
 from haios.sandbox.profile import Profile, lint_profile, lint_profile_result, load_profile
-from tests.sandbox_helpers import MINIMAL_PROFILE as MINIMAL
-from tests.sandbox_helpers import POLICY_DIR, write_profile
+from tests.support.sandbox import MINIMAL_PROFILE as MINIMAL
+from tests.support.sandbox import POLICY_DIR, write_profile
 
 
 def test_minimal_profile_loads(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from haios.errors import SandboxSetupError
 from haios.sandbox import seccomp, syscall_policy
 from haios.sandbox.profile import load_profile
-from tests.sandbox_helpers import POLICY_DIR
+from tests.support.sandbox import POLICY_DIR
 
 
 @given(

@@ -27,7 +27,7 @@ import pytest
 
 from haios.errors import VaultUnavailableError
 from haios.secrets import HvacProvider, ScopeGrant, provider_from_environment
-from tests.openbao import assert_no_secret
+from tests.support.openbao import assert_no_secret
 
 ENGINE_TOKEN = "s.EnGiNe0TokEn1SeCrEt2VaLuE"
 STEP_TOKEN = "s.StEp0ToKeN1sHoUlDnEvErLeAk"

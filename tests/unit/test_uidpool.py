@@ -27,7 +27,7 @@ from haios.errors import EXIT_ENVIRONMENT, InternalError, SandboxSetupError
 from haios.sandbox import uidpool
 from haios.sandbox.uidpool import UidLease, UidPool, check_pool_range
 
-#: a band no other test uses (tests/sandbox_helpers.py uses 200_000+), offset
+#: a band no other test uses (tests/support/sandbox.py uses 200_000+), offset
 #: by pid so two runs of this file on one host do not meet in /proc
 BASE = 3_700_000 + (os.getpid() % 1000) * 100
 WAIT_SECONDS = 10.0

@@ -4,7 +4,7 @@
 The engine's seams (`haios.engine.Services`) take a scripted step runner,
 a scripted guard, a no-op or refusing preflight, a fake uid source and a
 fixed clock. Everything else is real: the policy folder, keys, the signed
-plan and inputs (tests/world.py), verification, the signed state, the audit
+plan and inputs (tests/support/world.py), verification, the signed state, the audit
 chain, the step's detached workspace filesystems, published outputs.
 """
 
@@ -26,7 +26,7 @@ from haios.guard.api import StepGrant
 from haios.load.policy import Policy, load_policy
 from haios.models.plan import ExecPlan, PlanStep
 from haios.sandbox.spec import StepOutcome, StepSpec
-from tests.world import World
+from tests.support.world import World
 
 #: the engine's "now" in every in-process run (far from the real wall clock)
 FIXED_NOW = dt.datetime(2031, 3, 1, 12, 0, 0, tzinfo=dt.UTC)

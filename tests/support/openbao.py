@@ -8,7 +8,7 @@ how a test simulates "Vault is down". `OutageProxy` sits in front of a server
 and can refuse connections for a while, which simulates an outage that ends
 (a dev server keeps its data in memory, so a restart would lose it).
 
-Fixtures (load this module as a plugin: `pytest_plugins = ("tests.openbao",)`):
+Fixtures (load this module as a plugin: `pytest_plugins = ("tests.support.openbao",)`):
 
 - `openbao`: one server per test session, with the policies `haios-engine`,
   `haios-engine-role`, `haios-reports-read`, the token role `haios-step` and

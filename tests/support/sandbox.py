@@ -21,7 +21,7 @@ from haios.sandbox.runner import NamespaceRunner
 from haios.sandbox.spec import VIEW_COST_REPORT, VIEW_WORKSPACE, StepOutcome, StepSpec
 from haios.sandbox.stepfs import StepMounts, open_capture, read_capture
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 POLICY_DIR = REPO / "policy"
 PROBE_FILE = "probe.json"
 

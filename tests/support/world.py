@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from haios.cli.client import sign_file, write_link
-from tests.keys import KeyFile
+from tests.support.keys import KeyFile
 
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]
 PROFILES = PROJECT / "policy" / "profiles"
 
 
