@@ -23,7 +23,7 @@ Which test fires which shipped alert (deploy/prometheus/alerts.yml):
 - HaiosEngineLost: test_engine_sigkill_then_resume_fires_engine_lost
 - HaiosVaultTokensNotRevoked: test_vault_down_before_revocation_fires_tokens_not_revoked
   (pending with the real value; the `for: 5m` hold is promtool-tested)
-- HaiosKillLatencyHigh: only `promtool test rules` (tests/unit/test_metrics.py).
+- HaiosKillLatencyHigh: only `promtool test rules` (tests/unit/metrics/test_metrics.py).
   A real kill takes milliseconds (test_kill_during_a_run_fires asserts every
   pushed kill latency is in the <= 1 s bucket); a p99 above 1 s needs a tree
   that resists SIGKILL for seconds (uninterruptible sleep), which no test
@@ -479,7 +479,7 @@ def test_vault_down_before_revocation_fires_tokens_not_revoked(
     # The rule's `for: 5m` is kept: Prometheus holds the alert pending with
     # the real value, then fires it five minutes later. Waiting those five
     # minutes would double the suite's time; the `for:` hold itself is
-    # Prometheus's and `promtool test rules` (tests/unit/test_metrics.py)
+    # Prometheus's and `promtool test rules` (tests/unit/metrics/test_metrics.py)
     # covers the firing transition, so this stops at the pending alert.
     deadline = time.monotonic() + 60
     pending: dict[str, Any] | None = None

@@ -30,7 +30,7 @@ def test_the_shipped_default_policy_parses_apart_from_its_keys() -> None:
 
     from haios.models.policy import PolicyFile
 
-    shipped = Path(__file__).resolve().parents[2] / "policy" / "policy.toml"
+    shipped = Path(__file__).resolve().parents[3] / "policy" / "policy.toml"
     model = PolicyFile.model_validate(tomllib.loads(shipped.read_text()))
     assert model.vault_scopes["reports"].policies == ["haios-reports-read"]
 

@@ -9,7 +9,7 @@ import pytest
 
 from haios._util.strict_json import StrictJSONError, parse_strict_json, printable
 
-SUITE = Path(__file__).resolve().parents[3] / "shared" / "data" / "jsontestsuite" / "test_parsing"
+SUITE = Path(__file__).resolve().parents[4] / "shared" / "data" / "jsontestsuite" / "test_parsing"
 
 
 @pytest.mark.parametrize("data", [

@@ -15,7 +15,7 @@ from haios.report.model import REPORT_SCHEMA, Report
 from haios.report.render import render_html, render_json, status_class
 
 HOSTILE = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>{{7*7}}'
-SCHEMA = Path(__file__).resolve().parents[2] / "schemas" / "report.schema.json"
+SCHEMA = Path(__file__).resolve().parents[3] / "schemas" / "report.schema.json"
 
 
 def hostile_report() -> Report:

@@ -39,7 +39,7 @@ from haios.metrics import (
 from haios.metrics import server as metrics_server
 from haios.metrics.server import _QuietHandler
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "haios.json"
 
