@@ -8,18 +8,20 @@ uid leases) lives there (threat T-MT01). It lives here:
 
     <state_dir>/                root-owned, 0700, no link followed on the way
         uids/                   the host-wide uid lease pool (sandbox/uidpool.py)
-        roots/<dev>-<ino>/      one area per os_root, locked while a run holds it
+        roots/<dev>-<ino>-<btime>/  one area per os_root, locked while a run holds it
             store/              verified copies of inputs and products
             watchdog.jsonl      kills the watchdog did while the engine was dead
             audit.unsigned      the engine made os_root's audit.jsonl; no state yet
             audit.set-aside.jsonl  such a log left by a crash, kept for operators
 
-An area is named by the device and inode of the os_root directory the
-engine holds open, so no other os_root can name or collide with it, and a
-renamed os_root keeps its area. The inode cannot be reused while the run
-holds the descriptor. The exclusive flock on the area's directory is the
-os_root lock (exit 7): it sits where the client cannot unlink or replace it
-(threat T-MT04).
+An area is named by the device, inode and birth time of the os_root
+directory the engine holds open, so no other os_root can name or collide
+with it, and a renamed os_root keeps its area. The inode cannot be reused
+while the run holds the descriptor; the birth time keeps a directory made
+later on a reused inode (the client deleted its os_root and made another)
+from inheriting the old one's area, its journal or its leftover marker.
+The exclusive flock on the area's directory is the os_root lock (exit
+7): it sits where the client cannot unlink or replace it (threat T-MT04).
 
 Every component of state_dir must be a real directory owned by root (or
 the engine's euid) and not writable by group or others (a root-owned
@@ -30,11 +32,13 @@ Does I/O.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
 import shutil
 import stat
+import struct
 from pathlib import Path
 from typing import Final, Self
 
@@ -117,8 +121,7 @@ class RunArea:
             EnvironmentUnavailableError: state_dir is unusable (exit 6).
             BusyError: another run holds this os_root (exit 7).
         """
-        info = os.fstat(os_root_fd)
-        name = f"{info.st_dev:x}-{info.st_ino:x}"
+        name = area_name(os_root_fd)
         state = open_state_dir(state_dir)
         try:
             roots = state.sub(ROOTS_DIR, create=True, mode=0o700)
@@ -186,3 +189,27 @@ def _lock(area: SafeDir) -> None:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise BusyError("os_root busy: another haios run holds it") from exc
         raise EnvironmentUnavailableError(f"cannot lock the run area ({exc.strerror})") from exc
+
+
+# statx(2): the birth time is not in os.stat on Linux.
+_AT_EMPTY_PATH: Final = 0x1000
+_STATX_BTIME: Final = 0x800
+_STATX_SIZE: Final = 256
+_STX_BTIME_OFFSET: Final = 80  # struct statx: stx_btime {s64 tv_sec; u32 tv_nsec}
+_LIBC: Final = ctypes.CDLL(None, use_errno=True)
+
+
+def area_name(os_root_fd: int) -> str:
+    """`<dev>-<ino>-<btime ns>` of the directory (`<dev>-<ino>` where the file
+    system keeps no birth time), in hex."""
+    info = os.fstat(os_root_fd)
+    name = f"{info.st_dev:x}-{info.st_ino:x}"
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if _LIBC.statx(os_root_fd, b"", _AT_EMPTY_PATH, _STATX_BTIME, buf) != 0:
+        code = ctypes.get_errno()
+        raise EnvironmentUnavailableError(f"os_root: cannot statx ({os.strerror(code)})")
+    mask = struct.unpack_from("<I", buf, 0)[0]
+    if not mask & _STATX_BTIME:
+        return name
+    seconds, nanos = struct.unpack_from("<qI", buf, _STX_BTIME_OFFSET)
+    return f"{name}-{seconds * 1_000_000_000 + nanos:x}"

@@ -29,7 +29,7 @@ PR_SET_CHILD_SUBREAPER = 36
 ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 import haios.app
-from haios.area import ROOTS_DIR, RunArea
+from haios.area import ROOTS_DIR, RunArea, area_name
 from haios.cli.main import main
 from haios.load.policy import load_policy, resolve_policy_dir
 
@@ -73,8 +73,9 @@ try:
     main(["run", str(root), "--policy", policy_dir])
 except SystemExit as exc:
     code = exc.code
-info = os.stat(root)
-journal = state_dir / ROOTS_DIR / f"{info.st_dev:x}-{info.st_ino:x}" / "watchdog.jsonl"
+root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+journal = state_dir / ROOTS_DIR / area_name(root_fd) / "watchdog.jsonl"
+os.close(root_fd)
 records = journal.read_text().splitlines() if journal.exists() else []
 sys.stdout.flush()
 print("\n" + json.dumps({"code": code, "during": seen, "after": children(),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from haios.area import RunArea, open_state_dir
+from haios.area import RunArea, area_name, open_state_dir
 from haios.errors import BusyError, EnvironmentUnavailableError
 
 
@@ -132,3 +132,22 @@ def test_fresh_store_drops_what_an_earlier_run_left(tmp_path: Path) -> None:
             area.close()
     finally:
         os.close(fd)
+
+
+def test_an_area_is_named_by_device_inode_and_birth_time(tmp_path: Path) -> None:
+    """A directory made later on a reused inode gets another area (birth time)."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    names = []
+    for path in (first, second):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            names.append(area_name(fd))
+        finally:
+            os.close(fd)
+        info = os.stat(path)
+        assert names[-1].startswith(f"{info.st_dev:x}-{info.st_ino:x}-")  # ext4 keeps btime
+    birth = [int(name.rsplit("-", 1)[1], 16) for name in names]
+    assert 0 < birth[0] <= birth[1]
+    assert names[0] != names[1]
