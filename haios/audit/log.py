@@ -220,14 +220,19 @@ class AuditLog:
                 every later append.
         """
         with self._lock:
-            if not self._dirty or self._closed:
-                return
-            try:
-                os.fsync(self._fd)
-            except OSError as e:
-                self._broken = True
-                _raise_os_error(e, "cannot make audit.jsonl durable")
-            self._dirty = False
+            if not self._closed:
+                self._sync_locked()
+
+    def _sync_locked(self) -> None:
+        """fsync pending records; the lock is held and the file open."""
+        if not self._dirty:
+            return
+        try:
+            os.fsync(self._fd)
+        except OSError as e:
+            self._broken = True
+            _raise_os_error(e, "cannot make audit.jsonl durable")
+        self._dirty = False
 
     def subscriber(self, event: Event) -> None:
         """Record `event`; pass this method to `EventBus.subscribe`.
@@ -259,11 +264,7 @@ class AuditLog:
                 return
             self._closed = True
             try:
-                if self._dirty:
-                    os.fsync(self._fd)
-            except OSError as e:
-                self._broken = True
-                _raise_os_error(e, "cannot make audit.jsonl durable")
+                self._sync_locked()
             finally:
                 os.close(self._fd)
 

@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from securesystemslib.signer import SSlibKey
 
-from haios._util.durability import Barrier
 from haios._util.safedir import SafeDir
 from haios._util.strict_json import dump_json
 from haios.errors import InputError, TamperedError
@@ -68,21 +67,6 @@ def write_signed(directory: SafeDir, name: str, model: BaseModel, signer: Engine
     Side Effects:
         Atomic replace of `name` in `directory` (temp, fsync, rename, fsync dir).
     """
-    return write_signed_document(directory, name, model.model_dump(mode="json", by_alias=True),
-                                 signer)
-
-
-def write_signed_document(directory: SafeDir, name: str, document: dict[str, Any],
-                          signer: EngineSigner, barrier: Barrier | None = None
-                          ) -> dict[str, Any]:
-    """As `write_signed`, for a document the caller already validated (JSON types only).
-
-    With a `barrier`, the document is made durable in the same flush as
-    everything pending in it, before it is renamed into place.
-    """
-    signed = signer.embed(document)
-    if barrier is None:
-        directory.write_atomic(name, dump_json(signed))
-    else:
-        directory.write_atomic_durable_with(name, dump_json(signed), barrier)
-    return signed
+    document = signer.embed(model.model_dump(mode="json", by_alias=True))
+    directory.write_atomic(name, dump_json(document))
+    return document
