@@ -16,10 +16,9 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
-from securesystemslib.signer import Signer, SSlibKey
 
+from haios._util.signer_api import Envelope, Signer, SSlibKey
 from haios.errors import EngineKeyError
 from haios.models.envelope import PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE
 from haios.verify.embedded import signed_bytes

@@ -12,7 +12,8 @@ import dataclasses
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
-from securesystemslib.signer import SSlibKey
+
+from haios._util.signer_api import SSlibKey
 
 
 def parse_public_key(pem: bytes, *, label: str) -> SSlibKey:

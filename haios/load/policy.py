@@ -17,8 +17,8 @@ import tomllib
 from pathlib import Path
 
 from pydantic import ValidationError
-from securesystemslib.signer import SSlibKey
 
+from haios._util.signer_api import SSlibKey
 from haios.errors import PolicyLoadError
 from haios.load.keys import TrustedRole, parse_public_key
 from haios.load.parse import describe_validation_error

@@ -22,8 +22,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from securesystemslib.signer import CryptoSigner, SSlibKey
 
+from haios._util.signer_api import CryptoSigner, SSlibKey
 from haios.errors import VerificationError
 from haios.models.plan import PlanStep
 from haios.report.verify import key_dict

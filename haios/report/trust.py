@@ -23,8 +23,8 @@ from typing import Final
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from pydantic import ValidationError
-from securesystemslib.signer import SSlibKey
 
+from haios._util.signer_api import SSlibKey
 from haios.errors import PolicyLoadError
 from haios.load.parse import describe_validation_error
 from haios.load.policy_folder import PolicyFolder

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import rfc8785
-from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import (
     FormatError,
     UnverifiedSignatureError,
@@ -34,8 +33,8 @@ from securesystemslib.exceptions import (
 from securesystemslib.exceptions import (
     VerificationError as SslibVerificationError,
 )
-from securesystemslib.signer import Signature, SSlibKey
 
+from haios._util.signer_api import Envelope, Signature, SSlibKey
 from haios._util.strict_json import StrictJSONError, parse_strict_json, printable
 from haios.errors import DigestError, InputError, SignatureError, ThresholdError
 from haios.models.envelope import PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from securesystemslib.signer import SSlibKey
 
 from haios._util.safedir import SafeDir
+from haios._util.signer_api import SSlibKey
 from haios._util.strict_json import dump_json
 from haios.errors import InputError, TamperedError
 from haios.load.parse import parse_json_bytes, validate_model

@@ -16,10 +16,9 @@ import binascii
 import dataclasses
 import re
 
-from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
-from securesystemslib.signer import Signature, SSlibKey
 
+from haios._util.signer_api import Envelope, Signature, SSlibKey
 from haios.errors import DigestError, SignatureError, ThresholdError
 from haios.load.keys import TrustedRole
 from haios.load.parse import parse_model

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
-from securesystemslib.signer import Signature, SSlibKey
 
 from haios._util.canonical import canonical_bytes
+from haios._util.signer_api import Signature, SSlibKey
 from haios.errors import TamperedError
 
 

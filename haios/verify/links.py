@@ -19,8 +19,8 @@ from securesystemslib.exceptions import (
     UnverifiedSignatureError,
     VerificationError,
 )
-from securesystemslib.signer import Signature
 
+from haios._util.signer_api import Signature
 from haios.errors import InputError, LinkError, SignatureError
 from haios.load.keys import TrustedRole
 from haios.load.parse import parse_json_bytes
