@@ -61,6 +61,7 @@ import contextlib
 import dataclasses
 import enum
 import errno
+import itertools
 import os
 import secrets
 import select
@@ -615,12 +616,18 @@ class TreeWatch:
                 tree.lost = True
 
     def _replay(self, tree: _TreeState) -> None:
+        # From the newest entry back to the root's last fork: the root was
+        # forked moments ago, so this touches a few entries, not the ring.
         oldest = time.monotonic() - self._ring_max_age_seconds
-        entries = [entry for entry in self._ring if entry.received >= oldest]
-        starts = [i for i, entry in enumerate(entries) if tree.is_root_fork(entry.event)]
-        if not starts:
-            return  # not read yet (it will arrive), or too old: never armed
-        for entry in entries[starts[-1] :]:
+        for back, entry in enumerate(reversed(self._ring)):
+            if entry.received < oldest:
+                return  # too old: never armed
+            if tree.is_root_fork(entry.event):
+                start = len(self._ring) - 1 - back
+                break
+        else:
+            return  # not read yet (it will arrive)
+        for entry in itertools.islice(self._ring, start, None):
             tree.apply(entry.event)
 
     def _untrack(self, tree: _TreeState) -> None:

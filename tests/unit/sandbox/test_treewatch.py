@@ -17,6 +17,7 @@ tests feed synthetic events.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -202,14 +203,19 @@ def test_descendants_forked_before_track_are_replayed(watch: TreeWatch) -> None:
     root = _fork(root_body)
     os.read(done_r, 1)
     time.sleep(0.1)  # let the reader consume the events before tracking
-    with watch.track(root) as tree:
-        assert tree.descendants_seen == 2
-        os.write(go_w, b"x")
-        assert _wait_status(root) == 0
-        tree.wait_settled(SETTLE_SECONDS)
-        assert tree.sigsys_deaths() == 1
-    for fd in (done_r, done_w, go_r, go_w):
-        os.close(fd)
+    try:
+        with watch.track(root) as tree:
+            seen_before_release = tree.descendants_seen
+            os.write(go_w, b"x")
+            assert _wait_status(root) == 0
+            tree.wait_settled(SETTLE_SECONDS)
+            assert seen_before_release == 2
+            assert tree.sigsys_deaths() == 1
+    finally:
+        with contextlib.suppress(OSError):
+            os.write(go_w, b"x")  # never leave the root blocked on a failed assertion
+        for fd in (done_r, done_w, go_r, go_w):
+            os.close(fd)
 
 
 def test_wait_settled_returns_once_the_root_exits_and_fails_closed_before(
