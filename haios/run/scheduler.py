@@ -31,6 +31,7 @@ from haios.intake import StoredArtefact
 from haios.models.common import format_rfc3339
 from haios.models.state import PlanStatus
 from haios.run.keeper import StateKeeper
+from haios.run.ready import ReadySteps
 from haios.watchdog.flags import engaged_flag
 
 
@@ -43,6 +44,7 @@ class Scheduler:
         self.order, self.jobs, self.known = order, jobs, known
         self.executor = StepExecutor(ctx)
         self.graph = {s.id: tuple(s.needs) for s in ctx.plan.steps}
+        self.ready = ReadySteps(order, self.graph, lambda step_id: keeper.steps[step_id].status)
         self.halt: tuple[PlanStatus, str] | None = None
         self.fatal: HaiosError | None = None
         self.dirty = False  # ended steps not yet in a signed state write
@@ -67,27 +69,20 @@ class Scheduler:
                 if not running:
                     break
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
-                for future in sorted(done, key=lambda f: self.order.index(running[f])):
+                for future in sorted(done, key=lambda f: self.ready.rank(running[f])):
                     self._finish(running.pop(future), future)
         self._close_out()
-
-    def _ready(self) -> list[str]:
-        steps = self.keeper.steps
-        return [
-            step_id for step_id in self.order
-            if steps[step_id].status == "pending"
-            and all(steps[need].status == "succeeded" for need in self.graph[step_id])
-        ]
 
     def _admit(self, busy: int) -> list[tuple[str, Reservation]]:
         """Start the next ready steps (not yet durable) with their reservations."""
         admitted: list[tuple[str, Reservation]] = []
-        for step_id in self._ready():
+        while (step_id := self.ready.first()) is not None:
             if busy + len(admitted) >= self.jobs or not self._may_start(step_id):
                 break
             reservation = self.ledger.reserve(self.jobs - busy - len(admitted))
             with self.keeper.lock:
                 self.keeper.steps[step_id].start(format_rfc3339(self.ctx.now()))
+            self.ready.started(step_id)
             admitted.append((step_id, reservation))
         return admitted
 
@@ -157,6 +152,8 @@ class Scheduler:
                        products={name: digest for name, (digest, _) in result.products.items()})
             record.keep_accessors(self.ctx.guard.unrevoked())
             self.keeper.totals = self.ledger.totals()
+        if result.status == "succeeded":
+            self.ready.succeeded(step_id)
         for name, (digest, size) in result.products.items():
             self.known[name] = StoredArtefact(name, digest, size, f"step:{step_id}",
                                               (self.ctx.signer.keyid,))
