@@ -60,10 +60,16 @@ raises `SandboxSetupError`. There is no "continue anyway" path.
 
 In the launcher the init is forked ahead of its step (`await_launch`): it
 sets its parent-death signal, closes every descriptor it inherited but its
-request channel, goes once through the decoding of the previous request (so
-that the pages it writes are copied from the launcher before the engine
-waits on them), and blocks until its own request arrives; then it runs the
-stages above exactly as a freshly forked init does.
+request channel, unshares the previous request's mount, IPC, UTS and
+network namespaces (fresh and empty: the costliest system call of a launch,
+the network namespace, leaves the step's path), goes once through the
+decoding of the previous request (so that the pages it writes are copied
+from the launcher before the engine waits on them), and blocks until its own
+request arrives; then it runs the stages above exactly as a freshly forked
+init does, stage 6 unsharing only what is left (the cgroup namespace always,
+since it must follow stage 5). The launcher hands a request only to an init
+whose namespaces ahead are exactly the request's minus the cgroup one, and
+stage 6 checks it again: never more, never fewer namespaces than the plan.
 
 Imported in the engine and in the launcher; does I/O only when run.
 """
@@ -232,11 +238,16 @@ class _Init:
     """
 
     def __init__(
-        self, plan: LaunchPlan, pipes: ChildFds, signals: frozenset[int] | None = None
+        self,
+        plan: LaunchPlan,
+        pipes: ChildFds,
+        signals: frozenset[int] | None = None,
+        unshared: int = 0,
     ) -> None:
         self.plan = plan
         self.pipes = pipes
         self.signals = signals
+        self.unshared = unshared
         self.null_fd = -1
         self.programs: tuple[tuple[_libc.SockFprog, object], ...] = ()
         self.request: _libc.SpawnRequest | None = None
@@ -294,7 +305,11 @@ class _Init:
                 os.close(fd)
 
     def unshare_namespaces(self) -> None:
-        _libc.unshare(self.plan.namespaces)
+        # Namespaces unshared while waiting (if any) must be exactly the
+        # plan's, less the cgroup one (which must follow stage 5).
+        if self.unshared not in (0, ahead_namespaces(self.plan.namespaces)):
+            raise OSError(errno.EINVAL, "namespaces unshared ahead differ from the plan's")
+        _libc.unshare(self.plan.namespaces & ~self.unshared)
 
     def network(self) -> None:
         netns.apply_network(self.plan.network, self.pipes.egress)
@@ -404,8 +419,16 @@ def _stages(init: _Init) -> list[Stage]:
     ]
 
 
+def ahead_namespaces(namespaces: int) -> int:
+    """The part of `namespaces` an init may unshare before its request:
+    all but the cgroup namespace, which is rooted where the init stands
+    when it unshares it (stage 6 after stage 5)."""
+    return namespaces & ~_libc.CLONE_NEWCGROUP
+
+
 def run_init(
-    plan: LaunchPlan, pipes: ChildFds, signals: frozenset[int] | None = None
+    plan: LaunchPlan, pipes: ChildFds, signals: frozenset[int] | None = None,
+    unshared: int = 0,
 ) -> NoReturn:
     """Be the namespace init of one step; never returns.
 
@@ -413,11 +436,12 @@ def run_init(
         plan: what to run and how to confine it.
         pipes: the pipe ends this process writes to.
         signals: see `_Init` (None: stage 2 reads them itself).
+        unshared: the namespaces this init unshared while it waited (0: none).
 
     Side Effects:
         Everything in the module docstring; ends with os._exit.
     """
-    init = _Init(plan, pipes, signals)
+    init = _Init(plan, pipes, signals, unshared)
     try:
         # No collection in the child: it would touch (and copy) every page.
         gc.disable()
@@ -467,6 +491,7 @@ def await_launch(
     buffer: RequestBuffer,
     signals: frozenset[int],
     rehearsal: bytes | None,
+    namespaces: int = 0,
 ) -> NoReturn:
     """Be a pre-forked init: wait for one launch request, then run it; never returns.
 
@@ -481,6 +506,8 @@ def await_launch(
             the launcher right before the fork (this process inherited
             exactly those; nothing here changes one): what stage 2 resets.
         rehearsal: an earlier request to `_rehearse` while waiting, or None.
+        namespaces: the namespaces to unshare while waiting
+            (`ahead_namespaces` of the request the launcher expects), or 0.
 
     Side Effects:
         As `run_init` once the request is in; ends with os._exit.
@@ -494,6 +521,12 @@ def await_launch(
         # Hold nothing of the launcher's (its control socket, other steps'
         # descriptors) while waiting.
         fds.close_fds_except((channel.fileno(),))
+        if namespaces != ahead_namespaces(namespaces):
+            raise ValueError("the cgroup namespace cannot be unshared ahead")
+        if namespaces:
+            # Fresh, empty namespaces. On failure this init exits, and the
+            # launcher, unable to hand the request over, forks one on the spot.
+            _libc.unshare(namespaces)
         poller = select.poll()
         poller.register(channel, select.POLLIN)
         if rehearsal is not None and not poller.poll(0):
@@ -517,4 +550,4 @@ def await_launch(
         if report >= 0:
             _report(report, "launch request", exc)
         os._exit(EXIT_SETUP_FAILED)
-    run_init(plan, pipes, signals)
+    run_init(plan, pipes, signals, namespaces)

@@ -11,11 +11,12 @@ control socket shared with the engine:
   four pipe write ends, the step's egress channel when e is 1 (the init
   sends the step's listeners to the engine over it), and the step's n
   detached filesystems (workspace, cost, secret);
-- it hands the request and every descriptor but the reply socket to an init
-  forked for it ahead of time (`_spawn.fork_waiting_init`,
-  `_child.await_launch`), which decodes and checks it and reports a bad one
-  on the step's report pipe; or, when none waits, it decodes the request
-  and forks an init with it (`_spawn.spawn_init`). It closes its copies and
+- it decodes the request, then hands it and every descriptor but the reply
+  socket to an init forked for it ahead of time (`_spawn.fork_waiting_init`,
+  `_child.await_launch`) if that init unshared exactly the request's
+  namespaces but the cgroup one while it waited; that init checks the
+  request again and reports a bad one on the step's report pipe. Otherwise
+  it forks an init with the request (`_spawn.spawn_init`). It closes its copies and
   answers on the reply socket with ``{"pid": n}`` plus a pidfd, or
   ``{"error": reason}``;
 - when the init exits it reaps it (wait4) and sends
@@ -25,7 +26,8 @@ While steps follow each other closely (a request within
 `WAITING_MAX_SECONDS` of the previous one), the init is forked *before* its
 request arrives: right after a step is handed over, the launcher forks the
 next one, which prepares itself while the current step runs
-(`_child.await_launch`) and waits. A waiting init older than
+(`_child.await_launch`: it unshares the previous request's namespaces but
+the cgroup one) and waits. A waiting init older than
 `WAITING_MAX_SECONDS` is killed and the next request's init is forked on the
 spot: the engine's process-event watcher must still hold the init's fork
 event when it learns the pid (it keeps the last 16384 events and ten
@@ -72,8 +74,10 @@ class _Server:
         # pidfd -> (init pid, reply socket)
         self.running: dict[int, tuple[int, socket.socket]] = {}
         self.waiting: _spawn.WaitingInit | None = None
-        # the last request handed over, for the next init to rehearse, and when
+        # the last request handed over, for the next init to rehearse, its
+        # namespaces for that init to unshare ahead, and when it came
         self.last_request: bytes | None = None
+        self.last_namespaces = 0
         self.last_request_at = -WAITING_MAX_SECONDS
 
     def serve(self) -> None:
@@ -108,7 +112,8 @@ class _Server:
         if self.waiting is not None or self.control_readable():
             return
         try:
-            self.waiting = _spawn.fork_waiting_init(self.buffer, self.last_request)
+            self.waiting = _spawn.fork_waiting_init(
+                self.buffer, self.last_request, _child.ahead_namespaces(self.last_namespaces))
         except SandboxSetupError:
             # The next request forks on the spot and reports the failure.
             self.waiting = None
@@ -117,10 +122,9 @@ class _Server:
         return any(key.data is None for key, _mask in self.selector.select(0))
 
     def launch(self, message: bytes, fds: list[int]) -> tuple[int, int]:
-        """Start one step's init: the waiting one if it is young enough and
-        alive (it decodes and checks the request itself and reports a bad
-        one on the step's report pipe), else one forked now with the request
-        decoded here.
+        """Start one step's init: the waiting one if it is young enough,
+        alive and unshared exactly the request's namespaces ahead (it decodes
+        and checks the request itself), else one forked now.
 
         Returns:
             The init's pid and a pidfd of it.
@@ -129,8 +133,17 @@ class _Server:
             SandboxSetupError: no init could be forked.
             KeyError, TypeError, ValueError: the request does not decode.
         """
+        request = json.loads(message)
+        if not isinstance(request, dict) or not isinstance(request.get("plan"), dict):
+            raise ValueError("malformed launch request")
+        namespaces = request["plan"].get("namespaces")
+        if not isinstance(namespaces, int):
+            raise ValueError("malformed launch request: namespaces")
+        self.last_namespaces = namespaces
         waiting, self.waiting = self.waiting, None
-        if waiting is not None and time.monotonic() - waiting.forked_at < WAITING_MAX_SECONDS:
+        if (waiting is not None
+                and time.monotonic() - waiting.forked_at < WAITING_MAX_SECONDS
+                and waiting.namespaces == _child.ahead_namespaces(namespaces)):
             try:
                 waiting.hand_over(message, fds)
             except OSError:
@@ -139,9 +152,6 @@ class _Server:
                 return waiting.pid, waiting.pidfd
         elif waiting is not None:
             waiting.discard()
-        request = json.loads(message)
-        if not isinstance(request, dict) or not isinstance(request.get("plan"), dict):
-            raise ValueError("malformed launch request")
         pipes = _child.child_fds(request, fds)
         pid = _spawn.spawn_init(from_wire(request["plan"]), pipes, single_threaded=True)
         try:

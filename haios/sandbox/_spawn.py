@@ -129,12 +129,14 @@ class WaitingInit:
         pidfd: a pidfd of it (handed to the engine with the step).
         channel: the forking process's end of the request channel.
         forked_at: `time.monotonic()` of the fork.
+        namespaces: the namespaces it unshared while waiting.
     """
 
     pid: int
     pidfd: int
     channel: socket.socket
     forked_at: float
+    namespaces: int = 0
 
     def hand_over(self, request: bytes, fds: list[int]) -> None:
         """Send the launch request and the step's descriptors, then close the channel.
@@ -167,7 +169,7 @@ class WaitingInit:
 
 
 def fork_waiting_init(
-    buffer: _child.RequestBuffer, rehearsal: bytes | None = None
+    buffer: _child.RequestBuffer, rehearsal: bytes | None = None, namespaces: int = 0
 ) -> WaitingInit:
     """Fork `_child.await_launch` as PID 1 of a new PID namespace.
 
@@ -178,6 +180,9 @@ def fork_waiting_init(
         buffer: the receive buffer the init inherits and uses.
         rehearsal: an earlier request the init prepares once while it waits
             (`_child._rehearse`), or None.
+        namespaces: what the init unshares while it waits (all but the
+            cgroup namespace, `_child.ahead_namespaces`); it then serves
+            only a request whose own ahead part is exactly this.
 
     Returns:
         The waiting init; hand it a request or discard it.
@@ -199,7 +204,7 @@ def fork_waiting_init(
     signals = frozenset(fds._non_default_signals())
     try:
         pid = _fork_in_new_pid_namespace(
-            lambda: _child.await_launch(theirs, buffer, signals, rehearsal),
+            lambda: _child.await_launch(theirs, buffer, signals, rehearsal, namespaces),
             single_threaded=True,
         )
     except BaseException:
@@ -216,4 +221,4 @@ def fork_waiting_init(
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         raise SandboxSetupError(f"pidfd_open failed ({exc.strerror})") from exc
-    return WaitingInit(pid, pidfd, ours, forked_at)
+    return WaitingInit(pid, pidfd, ours, forked_at, namespaces)

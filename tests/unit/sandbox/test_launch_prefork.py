@@ -16,17 +16,18 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from haios.errors import SandboxSetupError
-from haios.sandbox import _child, _launcher_main, _plan
+from haios.sandbox import _child, _launcher_main, _libc, _plan
 from haios.sandbox.launcher import Launcher
+from haios.sandbox.profile import Profile, load_profile
 from haios.sandbox.runner import NamespaceRunner
 from haios.sandbox.treewatch import TrackedTree, TreeWatch
-from tests.support.sandbox import captured, make_spec, processes_of_uid
+from tests.support.sandbox import POLICY_DIR, captured, make_spec, processes_of_uid, write_profile
 
 SIGSYS_CHILD = (
     "/bin/sh",
@@ -261,3 +262,80 @@ def test_descriptors_are_named_in_request_order() -> None:
     assert pipes == _child.ChildFds(10, 11, 12, 13, workspace=15, cost=16, secret=17, egress=14)
     pipes = _child.child_fds({"mounts": 2}, [10, 11, 12, 13, 15, 16])
     assert pipes == _child.ChildFds(10, 11, 12, 13, workspace=15, cost=16)
+
+
+AHEAD = ("mnt", "net", "ipc", "uts")
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _host_network_profile(base: Path) -> Profile:
+    """The default profile with the documented-unsafe host network (the lint then
+    wants AF_UNIX refused, not just allowed for AF_UNIX alone)."""
+    text = (POLICY_DIR / "profiles" / "default.toml").read_text().replace(
+        "egress = []", "unsafe_host_network = true").replace(
+        'args = [{ index = 0, op = "eq", value = "AF_UNIX" }]',
+        'args = [{ index = 0, op = "eq", value = "AF_UNSPEC" }]') + (
+        '\n[[seccomp.deny]]\ncomment = "No AF_UNIX socket: the host\'s abstract names."\n'
+        'syscalls = ["socket"]\nerrno = "EPERM"\n'
+        'args = [{ index = 0, op = "eq", value = "AF_UNIX" }]\n')
+    (base / "policy").mkdir(exist_ok=True)
+    return load_profile(write_profile(base / "policy", text), "test")
+
+
+def test_waiting_init_unshares_all_but_the_cgroup_namespace_ahead(
+    tmp_path: Path, launcher: Launcher
+) -> None:
+    _run_burst(NamespaceRunner(launcher=launcher), tmp_path)
+    waiting = _waiting_init(launcher)
+
+    def ns(pid: int, kind: str) -> str:
+        return os.readlink(f"/proc/{pid}/ns/{kind}")
+
+    assert _eventually(lambda: all(ns(waiting, k) != ns(launcher.pid, k) for k in AHEAD))
+    # Rooted where the init stands when it unshares it: after joining the step's cgroup.
+    assert ns(waiting, "cgroup") == ns(launcher.pid, "cgroup")
+
+
+def test_the_cgroup_namespace_is_never_unshared_ahead() -> None:
+    assert _child.ahead_namespaces(_plan.BASE_NAMESPACES | _libc.CLONE_NEWNET) == (
+        _libc.CLONE_NEWNS | _libc.CLONE_NEWIPC | _libc.CLONE_NEWUTS | _libc.CLONE_NEWNET)
+
+
+def test_stage_6_refuses_namespaces_unshared_ahead_that_are_not_the_plans(
+    tmp_path: Path,
+) -> None:
+    plan = _plan.build_plan(make_spec(tmp_path, ("/bin/true",)))
+    init = _child._Init(plan, _child.ChildFds(-1, -1, -1, -1), unshared=_libc.CLONE_NEWNS)
+    with pytest.raises(OSError, match="unshared ahead differ"):
+        init.unshare_namespaces()
+
+
+@pytest.mark.parametrize("first_host_network", [False, True])
+def test_a_step_wanting_other_namespaces_never_gets_an_init_prepared_for_others(
+    tmp_path: Path, launcher: Launcher, first_host_network: bool
+) -> None:
+    """Host network after isolated steps, and the other way round: the waiting
+    init is not used, and the step's network namespace is exactly its plan's."""
+    runner = NamespaceRunner(launcher=launcher)
+    host = _host_network_profile(tmp_path)
+    profiles: list[str | Profile] = ["default", host]
+    if first_host_network:
+        profiles.reverse()
+    for _ in range(2):
+        assert runner.run(make_spec(tmp_path, ("/bin/true",), profile=profiles[0])).exit_code == 0
+    waiting = _waiting_init(launcher)
+    spec = make_spec(tmp_path, ("/bin/readlink", "/proc/self/ns/net"), profile=profiles[1])
+    inits: list[int] = []
+    outcome = runner.run(spec, on_start=inits.append)
+    assert outcome.exit_code == 0, captured(spec.stderr_fd)
+    assert inits != [waiting]
+    step_net = captured(spec.stdout_fd).strip()
+    assert (step_net == os.readlink("/proc/self/ns/net")) is (profiles[1] is host)
