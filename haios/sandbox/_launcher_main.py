@@ -49,7 +49,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Final
+from typing import Final, NoReturn
 
 from haios.errors import SandboxSetupError
 from haios.sandbox import _child, _libc, _spawn
@@ -225,7 +225,7 @@ class _Server:
             return
 
 
-def main(control_fd: int, parent_pid: int) -> None:
+def main(control_fd: int, parent_pid: int) -> NoReturn:
     """Serve the engine until it closes the control socket.
 
     Args:
@@ -233,7 +233,8 @@ def main(control_fd: int, parent_pid: int) -> None:
         parent_pid: the engine's pid, to detect that it died before we started.
 
     Side Effects:
-        Forks step inits, reaps them, exits when the engine goes away.
+        Forks step inits, reaps them, exits the process (os._exit) when the
+        engine goes away.
     """
     # Die with the engine; check for the race where it died already.
     _libc.prctl(_libc.PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -245,3 +246,6 @@ def main(control_fd: int, parent_pid: int) -> None:
     # (and their copy-on-write faults) never touch them.
     gc.freeze()
     _Server(control).serve()
+    # Served and every init reaped or discarded; it writes only to sockets,
+    # so skip the interpreter's teardown: the engine's close waits for it.
+    os._exit(0)

@@ -13,7 +13,9 @@ What it does not do: parse command-line options (there are none). I/O: all of
 
 from __future__ import annotations
 
+import os
 import sys
+from typing import NoReturn
 
 from haios.watchdog._daemon import run
 
@@ -27,5 +29,20 @@ def main() -> int:
     return run()
 
 
+def exit_process(status: int) -> NoReturn:
+    """Exit with `status` without tearing the interpreter down.
+
+    `run` has closed and synced its journal; the protocol goes straight to
+    the descriptors. Skipping the teardown (about 5 ms) shortens every
+    run's close, which waits for this process to exit.
+
+    Side Effects:
+        Flushes stdout and stderr, ends the process.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

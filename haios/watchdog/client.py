@@ -76,7 +76,7 @@ PENDING_MAX_AGE_SECONDS: Final = 5.0
 # standard library). The haios package is found where the engine found it.
 _BOOTSTRAP: Final = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from haios.watchdog.__main__ import main; sys.exit(main())"
+    "from haios.watchdog.__main__ import exit_process, main; exit_process(main())"
 )
 _READ_BYTES: Final = 64 * 1024
 
