@@ -18,7 +18,7 @@ from typing import Any
 
 from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
 
-from haios._util.signer_api import Envelope, Signer, SSlibKey
+from haios._util.signer_api import Envelope, Signer, SSlibKey, signer_from_uri
 from haios.errors import EngineKeyError
 from haios.models.envelope import PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE
 from haios.verify.embedded import signed_bytes
@@ -45,7 +45,7 @@ class EngineSigner:
         """
         scheme = uri.split(":", 1)[0]
         try:
-            signer = Signer.from_priv_key_uri(uri, public_key)
+            signer = signer_from_uri(uri, public_key)
             signature = signer.sign(_PROBE)
             public_key.verify_signature(signature, _PROBE)
         except (UnverifiedSignatureError, VerificationError):

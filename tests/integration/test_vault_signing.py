@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from securesystemslib.dsse import Envelope
 from securesystemslib.exceptions import UnverifiedSignatureError
-from securesystemslib.signer import Signer, SSlibKey, VaultSigner
 
+from haios._util.signer_api import SSlibKey, signer_from_uri, vault_signer
 from haios.sandbox.stepfs import StepMounts
 from haios.secrets import (
     TOKEN_FILE_NAME,
@@ -57,12 +57,12 @@ def transit_key(openbao: OpenBaoServer, monkeypatch: pytest.MonkeyPatch) -> str:
 
 
 def test_hv_uri_signs_and_the_public_key_verifies(transit_key: str) -> None:
-    uri, public_key = VaultSigner.import_(transit_key)
+    uri, public_key = vault_signer().import_(transit_key)
     assert uri == f"hv:{transit_key}/1"
     assert public_key.keytype == "ed25519"
 
-    signer = Signer.from_priv_key_uri(uri, public_key)
-    assert isinstance(signer, VaultSigner)
+    signer = signer_from_uri(uri, public_key)
+    assert isinstance(signer, vault_signer())
     signature = signer.sign(PAYLOAD)
 
     public_key.verify_signature(signature, PAYLOAD)
@@ -71,7 +71,7 @@ def test_hv_uri_signs_and_the_public_key_verifies(transit_key: str) -> None:
 
 
 def test_transit_public_key_exports_to_the_policy_pem(transit_key: str) -> None:
-    uri, public_key = VaultSigner.import_(transit_key)
+    uri, public_key = vault_signer().import_(transit_key)
     raw = bytes.fromhex(public_key.keyval["public"])
     pem = Ed25519PublicKey.from_public_bytes(raw).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -81,14 +81,14 @@ def test_transit_public_key_exports_to_the_policy_pem(transit_key: str) -> None:
     from_pem = SSlibKey.from_crypto(serialization.load_pem_public_key(pem))
 
     assert from_pem.keyid == public_key.keyid
-    from_pem.verify_signature(Signer.from_priv_key_uri(uri, from_pem).sign(PAYLOAD), PAYLOAD)
+    from_pem.verify_signature(signer_from_uri(uri, from_pem).sign(PAYLOAD), PAYLOAD)
 
 
 def test_hv_signer_signs_dsse_envelopes(transit_key: str) -> None:
-    uri, public_key = VaultSigner.import_(transit_key)
+    uri, public_key = vault_signer().import_(transit_key)
     envelope = Envelope(PAYLOAD, "application/vnd.in-toto+json", {})
 
-    envelope.sign(Signer.from_priv_key_uri(uri, public_key))
+    envelope.sign(signer_from_uri(uri, public_key))
 
     assert envelope.verify([public_key], 1) == {public_key.keyid: public_key}
 
@@ -96,14 +96,14 @@ def test_hv_signer_signs_dsse_envelopes(transit_key: str) -> None:
 def test_hv_uri_pins_the_key_version_across_rotation(
     openbao: OpenBaoServer, transit_key: str
 ) -> None:
-    uri_v1, key_v1 = VaultSigner.import_(transit_key)
+    uri_v1, key_v1 = vault_signer().import_(transit_key)
     openbao.client().secrets.transit.rotate_key(name=transit_key)
-    uri_v2, key_v2 = VaultSigner.import_(transit_key)
+    uri_v2, key_v2 = vault_signer().import_(transit_key)
     assert uri_v2 == f"hv:{transit_key}/2"
     assert key_v1.keyid != key_v2.keyid
 
-    old = Signer.from_priv_key_uri(uri_v1, key_v1).sign(PAYLOAD)
-    new = Signer.from_priv_key_uri(uri_v2, key_v2).sign(PAYLOAD)
+    old = signer_from_uri(uri_v1, key_v1).sign(PAYLOAD)
+    new = signer_from_uri(uri_v2, key_v2).sign(PAYLOAD)
 
     key_v1.verify_signature(old, PAYLOAD)  # the policy's public key keeps working
     key_v2.verify_signature(new, PAYLOAD)
@@ -112,10 +112,10 @@ def test_hv_uri_pins_the_key_version_across_rotation(
 
 
 def test_a_public_key_that_is_not_the_transit_key_does_not_verify(transit_key: str) -> None:
-    uri, _ = VaultSigner.import_(transit_key)
+    uri, _ = vault_signer().import_(transit_key)
     other = SSlibKey.from_crypto(Ed25519PrivateKey.generate().public_key())
 
-    signature = Signer.from_priv_key_uri(uri, other).sign(PAYLOAD)
+    signature = signer_from_uri(uri, other).sign(PAYLOAD)
 
     with pytest.raises(UnverifiedSignatureError):
         other.verify_signature(signature, PAYLOAD)

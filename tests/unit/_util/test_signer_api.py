@@ -33,25 +33,32 @@ def test_the_engine_loads_no_provider_sdk() -> None:
     assert loaded == []
 
 
-def test_no_absence_mark_is_left_behind_and_hvac_still_imports() -> None:
+def test_no_absence_mark_is_left_behind_and_the_vault_signer_loads_on_demand() -> None:
     result = _fresh(
         "import json, sys\n"
-        "import haios._util.signer_api as api\n"
-        "marks = [n for n in api.PROVIDER_SDKS if n in sys.modules]\n"
-        "import hvac\n"
-        "print(json.dumps({'marks': marks, 'hvac': hvac.__name__,"
-        " 'signer': 'securesystemslib.signer' in sys.modules}))\n"
+        "import haios._util.signer_api as api, haios.signing\n"
+        "from securesystemslib.signer import SIGNER_FOR_URI_SCHEME, _vault_signer\n"
+        "before = {'marks': [n for n in api.PROVIDER_SDKS if n in sys.modules],"
+        " 'unavailable': _vault_signer.VAULT_IMPORT_ERROR is not None}\n"
+        "cls = api.vault_signer()\n"
+        "fresh = sys.modules[cls.__module__]\n"
+        "after = {'hvac': 'hvac' in sys.modules, 'error': fresh.VAULT_IMPORT_ERROR,"
+        " 'registered': SIGNER_FOR_URI_SCHEME['hv'] is cls, 'again': api.vault_signer() is cls}\n"
+        "print(json.dumps({'before': before, 'after': after}))\n"
     )
-    assert result == {"marks": [], "hvac": "hvac", "signer": True}
+    assert result == {
+        "before": {"marks": [], "unavailable": True},
+        "after": {"hvac": True, "error": None, "registered": True, "again": True},
+    }
 
 
 def test_an_sdk_imported_earlier_is_restored_as_it_was() -> None:
     result = _fresh(
         "import json, sys\n"
-        "import hvac\n"
-        "before = id(sys.modules['hvac'])\n"
+        "import botocore\n"
+        "before = id(sys.modules['botocore'])\n"
         "import haios._util.signer_api\n"
-        "print(json.dumps({'same': id(sys.modules['hvac']) == before}))\n"
+        "print(json.dumps({'same': id(sys.modules['botocore']) == before}))\n"
     )
     assert result == {"same": True}
 
