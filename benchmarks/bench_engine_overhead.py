@@ -397,7 +397,8 @@ def main() -> None:
         "--repeat",
         type=int,
         default=1,
-        help="runs per plan size and --jobs value; the median is used (default 1)",
+        help="rounds; each runs every plan size with every --jobs value once; "
+        "the median per size is used (default 1)",
     )
     parser.add_argument(
         "--count",
@@ -427,9 +428,12 @@ def main() -> None:
             runs.run(1, 1)  # warm-up: page cache for the interpreter and haios modules
             for jobs in JOBS:
                 startup[jobs] = [runs.run(1, jobs) for _ in range(args.startup_runs)]
-            for steps in plan_sizes:
-                for jobs in JOBS:
-                    plans[steps, jobs] = [runs.run(steps, jobs) for _ in range(args.repeat)]
+            # In rounds, every size and --jobs once per round, so that drift on
+            # a shared host hits the ratios' numerator and denominator alike.
+            for _round in range(args.repeat):
+                for steps in plan_sizes:
+                    for jobs in JOBS:
+                        plans.setdefault((steps, jobs), []).append(runs.run(steps, jobs))
             print("peers (second half)", file=log, flush=True)
             measure_peers(launches, args.count - args.count // 2, peers)
     finally:
