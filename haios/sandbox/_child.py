@@ -62,14 +62,18 @@ In the launcher the init is forked ahead of its step (`await_launch`): it
 sets its parent-death signal, closes every descriptor it inherited but its
 request channel, unshares the previous request's mount, IPC, UTS and
 network namespaces (fresh and empty: the costliest system call of a launch,
-the network namespace, leaves the step's path), goes once through the
-decoding of the previous request (so that the pages it writes are copied
-from the launcher before the engine waits on them), and blocks until its own
-request arrives; then it runs the stages above exactly as a freshly forked
-init does, stage 6 unsharing only what is left (the cgroup namespace always,
-since it must follow stage 5). The launcher hands a request only to an init
-whose namespaces ahead are exactly the request's minus the cgroup one, and
-stage 6 checks it again: never more, never fewer namespaces than the plan.
+the network namespace, leaves the step's path), assembles the host part of
+the previous request's filesystem view in its private mount namespace
+(`mounts.prepare_view`: no descriptor of any step is involved), goes once
+through the decoding of the previous request (so that the pages it writes
+are copied from the launcher before the engine waits on them), and blocks
+until its own request arrives; then it runs the stages above exactly as a
+freshly forked init does, stage 6 unsharing only what is left (the cgroup
+namespace always, since it must follow stage 5) and stage 9 finishing the
+view, or dropping it and building the request's own when their host parts
+differ. The launcher hands a request only to an init whose namespaces ahead
+are exactly the request's minus the cgroup one, and stage 6 checks it
+again: never more, never fewer namespaces than the plan.
 
 Imported in the engine and in the launcher; does I/O only when run.
 """
@@ -243,11 +247,13 @@ class _Init:
         pipes: ChildFds,
         signals: frozenset[int] | None = None,
         unshared: int = 0,
+        prepared_view: tuple[object, ...] | None = None,
     ) -> None:
         self.plan = plan
         self.pipes = pipes
         self.signals = signals
         self.unshared = unshared
+        self.prepared_view = prepared_view
         self.null_fd = -1
         self.programs: tuple[tuple[_libc.SockFprog, object], ...] = ()
         self.request: _libc.SpawnRequest | None = None
@@ -323,8 +329,14 @@ class _Init:
 
     def build_view(self) -> None:
         pipes = self.pipes
-        mounts.apply_view(self.plan.view,
-                          mounts.StepFsFds(pipes.workspace, pipes.cost, pipes.secret))
+        step_fs = mounts.StepFsFds(pipes.workspace, pipes.cost, pipes.secret)
+        if self.prepared_view is not None:
+            if self.prepared_view == mounts.host_part(self.plan.view):
+                mounts.finish_view(self.plan.view, step_fs)
+                return
+            # Assembled for another view while waiting: start this one afresh.
+            mounts.discard_prepared_view()
+        mounts.apply_view(self.plan.view, step_fs)
 
     def stdio(self) -> None:
         self.null_fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
@@ -428,7 +440,7 @@ def ahead_namespaces(namespaces: int) -> int:
 
 def run_init(
     plan: LaunchPlan, pipes: ChildFds, signals: frozenset[int] | None = None,
-    unshared: int = 0,
+    unshared: int = 0, prepared_view: tuple[object, ...] | None = None,
 ) -> NoReturn:
     """Be the namespace init of one step; never returns.
 
@@ -437,11 +449,13 @@ def run_init(
         pipes: the pipe ends this process writes to.
         signals: see `_Init` (None: stage 2 reads them itself).
         unshared: the namespaces this init unshared while it waited (0: none).
+        prepared_view: `mounts.host_part` of the view this init assembled
+            while it waited (`mounts.prepare_view`), or None.
 
     Side Effects:
         Everything in the module docstring; ends with os._exit.
     """
-    init = _Init(plan, pipes, signals, unshared)
+    init = _Init(plan, pipes, signals, unshared, prepared_view)
     try:
         # No collection in the child: it would touch (and copy) every page.
         gc.disable()
@@ -486,6 +500,24 @@ def _rehearse(message: bytes) -> None:
         pass
 
 
+def _prepare_view_ahead(rehearsal: bytes | None, namespaces: int) -> tuple[object, ...] | None:
+    """Assemble the host part of the previous request's view, in the private
+    mount namespace unshared ahead; return its `mounts.host_part`, or None
+    (no such namespace, or no previous request that decodes).
+
+    Raises:
+        OSError: a mount failed (the caller exits; nothing is half-used).
+    """
+    if rehearsal is None or not namespaces & _libc.CLONE_NEWNS:
+        return None
+    try:
+        view = from_wire(json.loads(rehearsal)["plan"]).view
+    except Exception:  # any undecodable rehearsal: the view is built at stage 9
+        return None
+    mounts.prepare_view(view)
+    return mounts.host_part(view)
+
+
 def await_launch(
     channel: socket.socket,
     buffer: RequestBuffer,
@@ -527,6 +559,7 @@ def await_launch(
             # Fresh, empty namespaces. On failure this init exits, and the
             # launcher, unable to hand the request over, forks one on the spot.
             _libc.unshare(namespaces)
+        prepared_view = _prepare_view_ahead(rehearsal, namespaces)
         poller = select.poll()
         poller.register(channel, select.POLLIN)
         if rehearsal is not None and not poller.poll(0):
@@ -550,4 +583,4 @@ def await_launch(
         if report >= 0:
             _report(report, "launch request", exc)
         os._exit(EXIT_SETUP_FAILED)
-    run_init(plan, pipes, signals, namespaces)
+    run_init(plan, pipes, signals, namespaces, prepared_view)

@@ -21,6 +21,15 @@ the init after unshare(CLONE_NEWNS)) builds the view:
    step may reach (netns.py);
 4. pivot_root into it, detach the old root, remount the root read-only.
 
+`apply_view` is `prepare_view` (1 to 3 without the step's filesystems and
+generated files: everything that comes from the host, `host_part`) then
+`finish_view` (the rest of 3, and 4). An init forked ahead by the launcher
+runs `prepare_view` for the previous request while it waits and, once its
+request is in, `finish_view` when the request's `host_part` is the same, or
+`discard_prepared_view` and `apply_view` when it is not. The host's mount
+table under the bound paths is thus up to the launcher's waiting limit
+(0.5 s) older than the step; what is inside the bound directories is live.
+
 Nothing else of the host exists in the view. This module does no I/O at
 import; its functions touch the filesystem and mount table.
 """
@@ -152,13 +161,8 @@ def _make_mountpoint(path: str, *, is_dir: bool) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444))
 
 
-def _clone_sources(plan: ViewPlan, step_fs: StepFsFds) -> list[tuple[int, str, bool]]:
-    """Detached, attribute-locked copies of every bound source.
-
-    Args:
-        plan: the view.
-        step_fs: the step's own filesystems (detached mounts received as
-            descriptors; they are used as they are, never looked up by path).
+def _clone_sources(plan: ViewPlan) -> list[tuple[int, str, bool]]:
+    """Detached, attribute-locked copies of every bound host source.
 
     Returns:
         (mount fd, view path relative to the new root, is_dir) triples.
@@ -169,16 +173,30 @@ def _clone_sources(plan: ViewPlan, step_fs: StepFsFds) -> list[tuple[int, str, b
             fd = _libc.open_tree_clone(entry.path)
             clones.append((fd, _relative(entry.path), entry.kind == "dir"))
             _libc.mount_setattr_fd(fd, RO_ATTRS)
+    return clones
+
+
+def _step_mounts(plan: ViewPlan, step_fs: StepFsFds) -> list[tuple[int, str, bool]]:
+    """The step's own filesystems (detached mounts received as descriptors;
+    used as they are, never looked up by path), attributes set."""
     owned = [(step_fs.workspace, VIEW_WORKSPACE, RW_ATTRS),
              (step_fs.cost, VIEW_COST_DIR, RW_ATTRS)]
     if plan.has_secret:
         owned.append((step_fs.secret, VIEW_SECRET_DIR, SECRET_ATTRS))
+    mounts: list[tuple[int, str, bool]] = []
     for fd, view_path, attrs in owned:
         if fd < 0:
             raise OSError(9, f"no filesystem for {view_path}")
         _libc.mount_setattr_fd(fd, attrs)
-        clones.append((fd, _relative(view_path), True))
-    return clones
+        mounts.append((fd, _relative(view_path), True))
+    return mounts
+
+
+def _attach(mounts: list[tuple[int, str, bool]]) -> None:
+    for fd, view_path, is_dir in mounts:
+        _make_mountpoint(view_path, is_dir=is_dir)
+        _libc.move_mount_fd(fd, view_path)
+        os.close(fd)
 
 
 def _build_dev(plan: ViewPlan) -> None:
@@ -232,11 +250,17 @@ class StepFsFds:
     secret: int
 
 
+def host_part(plan: ViewPlan) -> tuple[object, ...]:
+    """What `prepare_view` builds from a plan: equal host parts, equal builds."""
+    return (plan.entries, plan.tmp_size_bytes, plan.tmp_inodes)
+
+
 def apply_view(plan: ViewPlan, step_fs: StepFsFds) -> None:
     """Build the step's filesystem view and make it the root (child side).
 
     Must run after unshare(CLONE_NEWNS) and, for /proc to show the step's PID
-    namespace, in a process of that namespace.
+    namespace, in a process of that namespace. The same as `prepare_view`
+    then `finish_view`.
 
     Args:
         plan: what to show.
@@ -249,10 +273,29 @@ def apply_view(plan: ViewPlan, step_fs: StepFsFds) -> None:
         Replaces the calling process's root and mount table; leaves the
         working directory at "/" and the umask at 0.
     """
+    prepare_view(plan)
+    finish_view(plan, step_fs)
+
+
+def prepare_view(plan: ViewPlan) -> None:
+    """Assemble everything of the view that comes from the host (`host_part`)
+    in the staging directory, without entering it.
+
+    Steps 1 to 3 of the module docstring but the step's own filesystems and
+    generated files. A forked-ahead init runs this while it waits; it holds
+    no descriptor of the step then. Same preconditions as `apply_view`.
+
+    Raises:
+        OSError: any mount, clone or file operation failed.
+
+    Side Effects:
+        Mounts in the calling process's (private) mount namespace; leaves the
+        working directory at "/" and the umask at 0.
+    """
     # (1) Private propagation first: later mounts must never reach the host.
     _libc.mount(None, "/", None, _libc.MS_REC | _libc.MS_PRIVATE, None)
     # (2) Clone every source before the staging tmpfs can hide any of them.
-    clones = _clone_sources(plan, step_fs)
+    clones = _clone_sources(plan)
     # (3) Assemble the new root.
     _libc.mount(
         "tmpfs",
@@ -269,10 +312,7 @@ def apply_view(plan: ViewPlan, step_fs: StepFsFds) -> None:
             if parent:
                 os.makedirs(parent, mode=0o755, exist_ok=True)
             os.symlink(entry.target, _relative(entry.path))
-    for fd, view_path, is_dir in clones:
-        _make_mountpoint(view_path, is_dir=is_dir)
-        _libc.move_mount_fd(fd, view_path)
-        os.close(fd)
+    _attach(clones)
     os.mkdir("proc", 0o555)
     _libc.mount(
         "proc", "proc", "proc", _libc.MS_NOSUID | _libc.MS_NODEV | _libc.MS_NOEXEC, PROC_OPTIONS
@@ -286,6 +326,40 @@ def apply_view(plan: ViewPlan, step_fs: StepFsFds) -> None:
         _libc.MS_NOSUID | _libc.MS_NODEV,
         f"size={plan.tmp_size_bytes},nr_inodes={plan.tmp_inodes},mode=1777",
     )
+    # Nothing later may resolve a relative path inside the staging root by accident.
+    os.chdir("/")
+
+
+def discard_prepared_view() -> None:
+    """Drop what `prepare_view` assembled (the staging tmpfs and all under it).
+
+    Side Effects:
+        Lazily unmounts the staging directory in the calling process's
+        private mount namespace.
+    """
+    _libc.umount2(STAGING_DIR, _libc.MNT_DETACH)
+
+
+def finish_view(plan: ViewPlan, step_fs: StepFsFds) -> None:
+    """Attach the step's filesystems, write its generated files, enter the view.
+
+    After `prepare_view` of a plan with the same `host_part`, in the same
+    process: steps 3 (the step's part) and 4 of the module docstring.
+
+    Args:
+        plan: what to show.
+        step_fs: the step's own filesystems, attached (and so consumed) here.
+
+    Raises:
+        OSError: any mount or file operation failed.
+
+    Side Effects:
+        Replaces the calling process's root and mount table; leaves the
+        working directory at "/" and the umask at 0.
+    """
+    os.chdir(STAGING_DIR)
+    os.umask(0)
+    _attach(_step_mounts(plan, step_fs))
     _write_identity_files(plan)
     # (4) Enter it. pivot_root(".", ".") stacks the old root on top of the
     # new one; detaching it leaves only the view (no old-root directory).

@@ -339,3 +339,57 @@ def test_a_step_wanting_other_namespaces_never_gets_an_init_prepared_for_others(
     assert inits != [waiting]
     step_net = captured(spec.stdout_fd).strip()
     assert (step_net == os.readlink("/proc/self/ns/net")) is (profiles[1] is host)
+
+
+def _small_tmp_profile(base: Path) -> Profile:
+    """The default profile with a smaller /tmp: the same namespaces, another view."""
+    text = (POLICY_DIR / "profiles" / "default.toml").read_text().replace(
+        "tmp_size_bytes = 67108864", "tmp_size_bytes = 8388608")
+    (base / "small").mkdir(exist_ok=True)
+    return load_profile(write_profile(base / "small", text), "test")
+
+
+TMP_SIZE = ("/usr/bin/python3", "-c",
+            "import os; s = os.statvfs('/tmp'); print(s.f_blocks * s.f_frsize)")
+
+
+def test_waiting_init_assembles_the_views_host_part_ahead(
+    tmp_path: Path, launcher: Launcher
+) -> None:
+    _run_burst(NamespaceRunner(launcher=launcher), tmp_path)
+    waiting = _waiting_init(launcher)
+
+    def staged() -> list[str]:
+        mounts = Path(f"/proc/{waiting}/mountinfo").read_text().splitlines()
+        return [line.split()[4] for line in mounts if line.split()[4].startswith("/tmp")]
+
+    assert _eventually(lambda: {"/tmp", "/tmp/proc", "/tmp/dev", "/tmp/tmp"} <= set(staged()))
+    # The step's own filesystems are attached only once its request is in.
+    assert not any(path.startswith("/tmp/haios") for path in staged())
+
+
+@pytest.mark.parametrize("first_small", [False, True])
+def test_a_step_with_another_view_gets_its_own_view_from_a_waiting_init(
+    tmp_path: Path, launcher: Launcher, first_small: bool
+) -> None:
+    """Same namespaces, another /tmp: the waiting init is used, drops what it
+    assembled and builds the step's own view."""
+    runner = NamespaceRunner(launcher=launcher)
+    small = _small_tmp_profile(tmp_path)
+    profiles: list[str | Profile] = ["default", small]
+    if first_small:
+        profiles.reverse()
+    for _ in range(2):
+        assert runner.run(make_spec(tmp_path, ("/bin/true",), profile=profiles[0])).exit_code == 0
+    waiting = _waiting_init(launcher)
+    spec = make_spec(tmp_path, TMP_SIZE, profile=profiles[1])
+    inits: list[int] = []
+    outcome = runner.run(spec, on_start=inits.append)
+    assert outcome.exit_code == 0, captured(spec.stderr_fd)
+    assert inits == [waiting]
+    expected = 8388608 if profiles[1] is small else 67108864
+    assert int(captured(spec.stdout_fd)) == expected
+    # And the next step, with the view prepared for it, sees it too.
+    again = make_spec(tmp_path, TMP_SIZE, profile=profiles[1])
+    assert runner.run(again).exit_code == 0
+    assert int(captured(again.stdout_fd)) == expected
