@@ -379,10 +379,10 @@ def test_a_step_with_another_view_gets_its_own_view_from_a_waiting_init(
     profiles: list[str | Profile] = ["default", small]
     if first_small:
         profiles.reverse()
+    spec = make_spec(tmp_path, TMP_SIZE, profile=profiles[1])  # made first: the init waits 0.5 s
     for _ in range(2):
         assert runner.run(make_spec(tmp_path, ("/bin/true",), profile=profiles[0])).exit_code == 0
     waiting = _waiting_init(launcher)
-    spec = make_spec(tmp_path, TMP_SIZE, profile=profiles[1])
     inits: list[int] = []
     outcome = runner.run(spec, on_start=inits.append)
     assert outcome.exit_code == 0, captured(spec.stderr_fd)
