@@ -179,11 +179,7 @@ def pidfd_kill_if_member(pid: int, relative: str) -> None:
 
 def _wait_until_empty(targets: Sequence[_Target], deadline: float) -> None:
     """Block until each target is empty, gone, failed, or the deadline passed."""
-    now = time.monotonic()
-    for target in targets:
-        if target.pending():
-            target.check(now)
-    if not any(target.pending() for target in targets):
+    if _check_pending(targets, time.monotonic()):
         # Already empty (a clean run's end): no inotify instance, whose
         # close waits for an SRCU grace period (about 5 ms).
         return
@@ -203,6 +199,14 @@ def _wait_until_empty(targets: Sequence[_Target], deadline: float) -> None:
             watcher.close()
 
 
+def _check_pending(targets: Sequence[_Target], now: float) -> bool:
+    """Check every pending target once; True when none is pending any more."""
+    for target in targets:
+        if target.pending():
+            target.check(now)
+    return not any(target.pending() for target in targets)
+
+
 def _wait_loop(
     targets: Sequence[_Target], deadline: float, watcher: _inotify.Inotify | None
 ) -> None:
@@ -210,10 +214,7 @@ def _wait_loop(
     poll_seconds = _POLL_FIRST_SECONDS
     while True:
         now = time.monotonic()
-        for target in targets:
-            if target.pending():
-                target.check(now)
-        if not any(t.pending() for t in targets) or now >= deadline:
+        if _check_pending(targets, now) or now >= deadline:
             return
         remaining = deadline - now
         if watcher is None:
