@@ -32,18 +32,17 @@ Does I/O.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
 import shutil
 import stat
-import struct
 from pathlib import Path
 from typing import Final, Self
 
 from haios._util.safedir import SafeDir
 from haios.errors import BusyError, EnvironmentUnavailableError
+from haios.sandbox import _libc
 
 ROOTS_DIR: Final = "roots"
 UIDS_DIR: Final = "uids"
@@ -191,25 +190,13 @@ def _lock(area: SafeDir) -> None:
         raise EnvironmentUnavailableError(f"cannot lock the run area ({exc.strerror})") from exc
 
 
-# statx(2): the birth time is not in os.stat on Linux.
-_AT_EMPTY_PATH: Final = 0x1000
-_STATX_BTIME: Final = 0x800
-_STATX_SIZE: Final = 256
-_STX_BTIME_OFFSET: Final = 80  # struct statx: stx_btime {s64 tv_sec; u32 tv_nsec}
-_LIBC: Final = ctypes.CDLL(None, use_errno=True)
-
-
 def area_name(os_root_fd: int) -> str:
     """`<dev>-<ino>-<btime ns>` of the directory (`<dev>-<ino>` where the file
     system keeps no birth time), in hex."""
     info = os.fstat(os_root_fd)
     name = f"{info.st_dev:x}-{info.st_ino:x}"
-    buf = ctypes.create_string_buffer(_STATX_SIZE)
-    if _LIBC.statx(os_root_fd, b"", _AT_EMPTY_PATH, _STATX_BTIME, buf) != 0:
-        code = ctypes.get_errno()
-        raise EnvironmentUnavailableError(f"os_root: cannot statx ({os.strerror(code)})")
-    mask = struct.unpack_from("<I", buf, 0)[0]
-    if not mask & _STATX_BTIME:
-        return name
-    seconds, nanos = struct.unpack_from("<qI", buf, _STX_BTIME_OFFSET)
-    return f"{name}-{seconds * 1_000_000_000 + nanos:x}"
+    try:
+        birth = _libc.statx_btime_ns(os_root_fd)
+    except OSError as exc:
+        raise EnvironmentUnavailableError(f"os_root: cannot statx ({exc.strerror})") from exc
+    return name if birth is None else f"{name}-{birth:x}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import struct
 from typing import Final
 
 # -- namespaces (linux/sched.h) ----------------------------------------------
@@ -321,6 +322,28 @@ def open_tree_clone_fd(fd: int) -> int:
         _syscall(ctypes.c_long(SYS_OPEN_TREE), ctypes.c_int(fd), b"", ctypes.c_uint(flags)),
         "open_tree (clone)",
     )
+
+
+# statx(2): the birth time is not in os.stat on Linux.
+_STATX_BTIME: Final = 0x800
+_STATX_SIZE: Final = 256
+_STX_BTIME_OFFSET: Final = 80  # struct statx: stx_btime {s64 tv_sec; u32 tv_nsec}
+
+
+def statx_btime_ns(fd: int) -> int | None:
+    """statx(2) birth time of the file behind `fd`, in nanoseconds, or None
+    where the file system keeps none.
+
+    Raises:
+        OSError: statx failed.
+    """
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    _check(_libc.statx(fd, b"", AT_EMPTY_PATH, _STATX_BTIME, buf), "statx")
+    mask: int = struct.unpack_from("<I", buf, 0)[0]
+    if not mask & _STATX_BTIME:
+        return None
+    seconds, nanos = struct.unpack_from("<qI", buf, _STX_BTIME_OFFSET)
+    return int(seconds) * 1_000_000_000 + int(nanos)
 
 
 def fsmount_tmpfs(options: dict[str, str], attrs: int) -> int:
