@@ -478,20 +478,30 @@ def run_init(
     os._exit(EXIT_SETUP_FAILED)
 
 
-def _rehearse(message: bytes) -> None:
-    """Decode an earlier request and prepare its step, then drop the result.
+def _decode_rehearsal(message: bytes | None) -> LaunchPlan | None:
+    """The plan of an earlier request (the launcher's last), or None when
+    there is none or it does not decode: the real request is decoded and
+    checked from scratch either way."""
+    if message is None:
+        return None
+    try:
+        return from_wire(json.loads(message)["plan"])
+    except Exception:  # any undecodable rehearsal: nothing is prepared ahead
+        return None
+
+
+def _rehearse(plan: LaunchPlan) -> None:
+    """Prepare an earlier request's step, then drop the result.
 
     Performance only, while nothing waits for this init: after fork every
     page shared with the launcher is copied on its first write, and the
     decoding and preparation of the real request would take those faults
-    while the engine waits. Going through the same code once (json, the
-    plan's dataclasses, ctypes buffers; no system call with an effect)
-    copies the allocator's and the interpreter's pages now. Any failure is
-    ignored: the real request is decoded and checked from scratch.
+    while the engine waits. Going through the same code once (json and the
+    plan's dataclasses in `_decode_rehearsal`, then ctypes buffers here; no
+    system call with an effect) copies the allocator's and the
+    interpreter's pages now. Any failure is ignored.
     """
     try:
-        request = json.loads(message)
-        plan = from_wire(request["plan"])
         init = _Init(plan, ChildFds(-1, -1, -1, -1))
         _stages(init)
         init.programs = tuple(_libc.make_fprog(bpf) for bpf in plan.seccomp)
@@ -500,22 +510,18 @@ def _rehearse(message: bytes) -> None:
         pass
 
 
-def _prepare_view_ahead(rehearsal: bytes | None, namespaces: int) -> tuple[object, ...] | None:
-    """Assemble the host part of the previous request's view, in the private
+def _prepare_view_ahead(plan: LaunchPlan | None, namespaces: int) -> tuple[object, ...] | None:
+    """Assemble the host part of an earlier request's view, in the private
     mount namespace unshared ahead; return its `mounts.host_part`, or None
-    (no such namespace, or no previous request that decodes).
+    (no such namespace, or no earlier request).
 
     Raises:
         OSError: a mount failed (the caller exits; nothing is half-used).
     """
-    if rehearsal is None or not namespaces & _libc.CLONE_NEWNS:
+    if plan is None or not namespaces & _libc.CLONE_NEWNS:
         return None
-    try:
-        view = from_wire(json.loads(rehearsal)["plan"]).view
-    except Exception:  # any undecodable rehearsal: the view is built at stage 9
-        return None
-    mounts.prepare_view(view)
-    return mounts.host_part(view)
+    mounts.prepare_view(plan.view)
+    return mounts.host_part(plan.view)
 
 
 def await_launch(
@@ -537,7 +543,8 @@ def await_launch(
         signals: the signals whose disposition is not the default, read by
             the launcher right before the fork (this process inherited
             exactly those; nothing here changes one): what stage 2 resets.
-        rehearsal: an earlier request to `_rehearse` while waiting, or None.
+        rehearsal: an earlier request, decoded once while waiting to
+            prepare its view ahead and to `_rehearse` it, or None.
         namespaces: the namespaces to unshare while waiting
             (`ahead_namespaces` of the request the launcher expects), or 0.
 
@@ -559,12 +566,13 @@ def await_launch(
             # Fresh, empty namespaces. On failure this init exits, and the
             # launcher, unable to hand the request over, forks one on the spot.
             _libc.unshare(namespaces)
-        prepared_view = _prepare_view_ahead(rehearsal, namespaces)
+        ahead = _decode_rehearsal(rehearsal)
+        prepared_view = _prepare_view_ahead(ahead, namespaces)
         poller = select.poll()
         poller.register(channel, select.POLLIN)
-        if rehearsal is not None and not poller.poll(0):
+        if ahead is not None and not poller.poll(0):
             buffer.touch(REQUEST_TOUCH_BYTES)
-            _rehearse(rehearsal)
+            _rehearse(ahead)
         # The channel stays open (its peer closed) until stage 4 closes it with
         # every other inherited descriptor.
         message, received, flags = buffer.receive(channel, MAX_REQUEST_FDS)

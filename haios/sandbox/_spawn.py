@@ -179,7 +179,7 @@ def fork_waiting_init(
     Args:
         buffer: the receive buffer the init inherits and uses.
         rehearsal: an earlier request the init prepares once while it waits
-            (`_child._rehearse`), or None.
+            (`_child._decode_rehearsal`, `_child._rehearse`), or None.
         namespaces: what the init unshares while it waits (all but the
             cgroup namespace, `_child.ahead_namespaces`); it then serves
             only a request whose own ahead part is exactly this.
