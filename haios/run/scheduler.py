@@ -41,7 +41,7 @@ class Scheduler:
     def __init__(self, ctx: RunContext, keeper: StateKeeper, ledger: BudgetLedger,
                  order: list[str], jobs: int, known: dict[str, StoredArtefact]) -> None:
         self.ctx, self.keeper, self.ledger = ctx, keeper, ledger
-        self.order, self.jobs, self.known = order, jobs, known
+        self.jobs, self.known = jobs, known
         self.executor = StepExecutor(ctx)
         self.graph = {s.id: tuple(s.needs) for s in ctx.plan.steps}
         self.ready = ReadySteps(order, self.graph, lambda step_id: keeper.steps[step_id].status)
