@@ -28,6 +28,7 @@ from tests.support.sandbox import (
     POLICY_DIR,
     ProbeRun,
     cost_path,
+    host_network_profile_text,
     run_python_probe,
     workspace_path,
     write_profile,
@@ -411,15 +412,8 @@ def test_network_profile_without_its_forwarder_reaches_nothing(tmp_path: Path) -
 
 def test_unsafe_host_network_reaches_a_local_listener(tmp_path: Path) -> None:
     # The explicit, documented-unsafe operator setting no shipped profile uses.
-    text = (POLICY_DIR / "profiles" / "default.toml").read_text().replace(
-        "egress = []", "unsafe_host_network = true").replace(
-        'args = [{ index = 0, op = "eq", value = "AF_UNIX" }]',
-        'args = [{ index = 0, op = "eq", value = "AF_UNSPEC" }]') + (
-        '\n[[seccomp.deny]]\ncomment = "No AF_UNIX socket: the host\'s abstract names."\n'
-        'syscalls = ["socket"]\nerrno = "EPERM"\n'
-        'args = [{ index = 0, op = "eq", value = "AF_UNIX" }]\n')
     (tmp_path / "policy").mkdir()
-    profile = load_profile(write_profile(tmp_path / "policy", text), "test")
+    profile = load_profile(write_profile(tmp_path / "policy", host_network_profile_text()), "test")
     server, received = _listener()
     with server:
         probe = run_python_probe(

@@ -88,6 +88,21 @@ errno = "EPERM"
 """
 
 
+def host_network_profile_text() -> str:
+    """The shipped default profile with the documented-unsafe host network.
+
+    The lint then wants AF_UNIX refused outright (the host's abstract
+    names), not just allowed for AF_UNIX alone as the default does.
+    """
+    return (POLICY_DIR / "profiles" / "default.toml").read_text().replace(
+        "egress = []", "unsafe_host_network = true").replace(
+        'args = [{ index = 0, op = "eq", value = "AF_UNIX" }]',
+        'args = [{ index = 0, op = "eq", value = "AF_UNSPEC" }]') + (
+        '\n[[seccomp.deny]]\ncomment = "No AF_UNIX socket: the host\'s abstract names."\n'
+        'syscalls = ["socket"]\nerrno = "EPERM"\n'
+        'args = [{ index = 0, op = "eq", value = "AF_UNIX" }]\n')
+
+
 def write_profile(tmp_path: Path, text: str, name: str = "test") -> Path:
     """A policy dir holding profiles/<name>.toml with `text`."""
     (tmp_path / "profiles").mkdir(exist_ok=True)

@@ -27,7 +27,14 @@ from haios.sandbox.launcher import Launcher
 from haios.sandbox.profile import Profile, load_profile
 from haios.sandbox.runner import NamespaceRunner
 from haios.sandbox.treewatch import TrackedTree, TreeWatch
-from tests.support.sandbox import POLICY_DIR, captured, make_spec, processes_of_uid, write_profile
+from tests.support.sandbox import (
+    POLICY_DIR,
+    captured,
+    host_network_profile_text,
+    make_spec,
+    processes_of_uid,
+    write_profile,
+)
 
 SIGSYS_CHILD = (
     "/bin/sh",
@@ -277,17 +284,8 @@ def _eventually(check: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 def _host_network_profile(base: Path) -> Profile:
-    """The default profile with the documented-unsafe host network (the lint then
-    wants AF_UNIX refused, not just allowed for AF_UNIX alone)."""
-    text = (POLICY_DIR / "profiles" / "default.toml").read_text().replace(
-        "egress = []", "unsafe_host_network = true").replace(
-        'args = [{ index = 0, op = "eq", value = "AF_UNIX" }]',
-        'args = [{ index = 0, op = "eq", value = "AF_UNSPEC" }]') + (
-        '\n[[seccomp.deny]]\ncomment = "No AF_UNIX socket: the host\'s abstract names."\n'
-        'syscalls = ["socket"]\nerrno = "EPERM"\n'
-        'args = [{ index = 0, op = "eq", value = "AF_UNIX" }]\n')
     (base / "policy").mkdir(exist_ok=True)
-    return load_profile(write_profile(base / "policy", text), "test")
+    return load_profile(write_profile(base / "policy", host_network_profile_text()), "test")
 
 
 def test_waiting_init_unshares_all_but_the_cgroup_namespace_ahead(
