@@ -13,6 +13,7 @@ import contextlib
 import gc
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -282,3 +283,31 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         _resume_collection(freeze=False)  # a command that never imported the engine
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def console() -> NoReturn:
+    """The `haios` console script and `python -m haios`: `main`, then a prompt exit.
+
+    When `main` ends, the command's files are durable and its helper
+    processes reaped; what is left is the interpreter's teardown (every
+    module and object finalised: about 15 ms after a run, and nothing
+    needs it). So this flushes the standard streams and ends the process
+    with os._exit. It falls back to the normal exit when another thread is
+    still alive (the normal exit waits for it), when a flush fails (the
+    normal exit reports it), or for a code that is not an int. Callers that
+    need the normal exit (tests, in-process drivers) call `main`.
+    """
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    else:  # main always exits; a return would be a bug, so exit as it would have
+        code = 0
+    if isinstance(code, int) and threading.active_count() == 1:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            sys.exit(code)
+        os._exit(code)
+    sys.exit(code)
