@@ -16,12 +16,23 @@ Engine overhead per step and at startup. One invocation measures, side by side:
   ``bwrap --unshare-all --die-with-parent --ro-bind / / true``,
   ``os.posix_spawn`` of ``/bin/true`` (plus ``waitpid``), and the bare haios
   launcher (`Launcher` + `NamespaceRunner`, default profile, fresh step
-  filesystems and captures, exactly as ``haios-launcher`` in bench_launch.py).
+  filesystems and captures, exactly as ``haios-launcher`` in bench_launch.py);
+- the floor of one step, each part alone in the same rounds:
+  ``cgroups`` (the step's memory and pids cgroups made and removed, as the
+  engine does for every step), ``uid-lease`` (one uid leased from the pool
+  and released) and ``durable-turn`` (the I/O one scheduler turn must do
+  under the durability contract, on the file system of the os_roots: one
+  audit record appended, a 1 KiB state written to a temporary file,
+  ``syncfs``, ``fsync`` of the log, ``rename``, ``fsync`` of the
+  directory). The floor is their sum plus one ``haios-launcher`` launch:
+  what every step costs before any engine work (no signing, hashing or
+  JSON), in confinement and durability that the goals must not weaken.
 
 It prints every ratio of the performance goals: marginal per step vs one bwrap launch
 for 100 steps (goal <= 1.5x); the 1,000-step marginal vs the 100-step one
 (goal <= 1.2x); 1-step startup vs 250 ms (goal < 1.0x); launcher launch vs
-bwrap (goal <= 1.0x).
+bwrap (goal <= 1.0x); and the floor vs bwrap, which the 100-step marginal
+cannot go below.
 
 Plans are signed and valid (tests/support/world.py builds keys, policy and os_roots,
 as the integration tests do) under a scratch directory in /tmp, removed at
@@ -174,12 +185,60 @@ def peer_launches(scratch: Path, log: TextIO) -> Iterator[dict[str, Launch]]:
             launches["bwrap"] = command(BWRAP)
         launcher_scratch = scratch / "launcher"
         launcher_scratch.mkdir()
-        launches["haios-launcher"] = HaiosLaunches(launcher_scratch).runner(
-            NamespaceRunner(launcher=LAUNCHER)
-        )
-        yield launches
+        haios = HaiosLaunches(launcher_scratch)
+        runner = NamespaceRunner(launcher=LAUNCHER)
+        launches["haios-launcher"] = haios.runner(runner)
+        launches["cgroups"] = haios.cgroups_only
+        launches["uid-lease"] = haios.lease_only
+        with DurableTurn(scratch / "turns") as turn:
+            launches["durable-turn"] = turn
+            yield launches
     finally:
         LAUNCHER.close()
+
+
+class DurableTurn:
+    """The I/O of one scheduler turn under the durability contract, alone.
+
+    What the engine must do at least once per turn (docs/durability.md):
+    append the turn's audit record, write the state to a temporary file,
+    make both durable with one barrier (syncfs), then rename the state into
+    place and make the directory entry durable. No signing, no JSON.
+    """
+
+    RECORD = b'{"kind":"step.finished","fields":{}}' + b" " * 200 + b"\n"
+    STATE = b"{}" + b" " * 1022
+
+    def __init__(self, directory: Path) -> None:
+        from haios._util.durability import syncfs
+
+        directory.mkdir(mode=0o700)
+        self.syncfs = syncfs
+        self.dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        self.log_fd = os.open("audit.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600,
+                              dir_fd=self.dir_fd)
+
+    def __call__(self) -> object:
+        """One turn: append, write, syncfs, fsync the log, rename, fsync the directory."""
+        os.write(self.log_fd, self.RECORD)
+        fd = os.open(".state.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600,
+                     dir_fd=self.dir_fd)
+        try:
+            os.write(fd, self.STATE)
+        finally:
+            os.close(fd)
+        self.syncfs(self.dir_fd)
+        os.fsync(self.log_fd)
+        os.rename(".state.tmp", "state.json", src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
+        os.fsync(self.dir_fd)
+        return None
+
+    def __enter__(self) -> DurableTurn:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        os.close(self.log_fd)
+        os.close(self.dir_fd)
 
 
 def measure_peers(launches: dict[str, Launch], count: int, times: dict[str, list[float]]) -> None:
@@ -231,6 +290,9 @@ def summarise(
     }
     bwrap_ms = peer_ms.get("bwrap", {}).get("mean_ms")
     launcher_ms = peer_ms.get("haios-launcher", {}).get("mean_ms")
+    floor_parts = [peer_ms.get(name, {}).get("mean_ms")
+                   for name in ("haios-launcher", "cgroups", "uid-lease", "durable-turn")]
+    floor_ms = None if None in floor_parts else sum(p for p in floor_parts if p is not None)
     spawn_ms = peer_ms.get("posix_spawn", {}).get("mean_ms")
     startup_ms = {jobs: statistics.median(values) * 1000 for jobs, values in startup.items()}
     rows: list[dict[str, Any]] = []
@@ -258,6 +320,8 @@ def summarise(
             "value": ratio(launcher_ms, bwrap_ms),
             "goal_at_most": LAUNCHER_VS_BWRAP_GOAL,
         },
+        "floor_ms": floor_ms,
+        "floor_vs_bwrap": ratio(floor_ms, bwrap_ms),
     }
     for jobs in JOBS:
         key = f"jobs_{jobs}"
@@ -356,6 +420,13 @@ def report(result: dict[str, Any], out: TextIO) -> None:
     print(
         f"  launcher launch / bwrap launch: {fmt(value, suffix='x')} "
         f"(<= 1.0x; {verdict(value, LAUNCHER_VS_BWRAP_GOAL)})",
+        file=out,
+    )
+    print(
+        f"  floor of one step (haios-launcher + cgroups + uid-lease + durable-turn, "
+        f"{fmt(ratios['floor_ms'], suffix=' ms')})"
+        f" / bwrap launch: {fmt(ratios['floor_vs_bwrap'], suffix='x')} "
+        f"(the 100-step marginal cannot go below it; its goal is <= 1.5x)",
         file=out,
     )
 
