@@ -285,6 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+def _waited_threads() -> list[threading.Thread]:
+    """The threads the interpreter's normal exit would wait for."""
+    main_thread = threading.main_thread()
+    return [t for t in threading.enumerate() if t is not main_thread and not t.daemon]
+
+
 def console() -> NoReturn:
     """The `haios` console script and `python -m haios`: `main`, then a prompt exit.
 
@@ -292,10 +298,12 @@ def console() -> NoReturn:
     processes reaped; what is left is the interpreter's teardown (every
     module and object finalised: about 15 ms after a run, and nothing
     needs it). So this flushes the standard streams and ends the process
-    with os._exit. It falls back to the normal exit when another thread is
-    still alive (the normal exit waits for it), when a flush fails (the
-    normal exit reports it), or for a code that is not an int. Callers that
-    need the normal exit (tests, in-process drivers) call `main`.
+    with os._exit. It falls back to the normal exit when a non-daemon
+    thread besides this one is still alive (the normal exit waits for it;
+    it never waits for daemon threads, such as the watchdog's reaper), when
+    a flush fails (the normal exit reports it), or for a code that is not an
+    int. Callers that need the normal exit (tests, in-process drivers) call
+    `main`.
     """
     try:
         main()
@@ -303,7 +311,7 @@ def console() -> NoReturn:
         code = exc.code
     else:  # main always exits; a return would be a bug, so exit as it would have
         code = 0
-    if isinstance(code, int) and threading.active_count() == 1:
+    if isinstance(code, int) and not _waited_threads():
         try:
             sys.stdout.flush()
             sys.stderr.flush()

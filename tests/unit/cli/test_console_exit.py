@@ -17,8 +17,8 @@ DRIVER = """\
 import atexit, sys, threading
 atexit.register(lambda: sys.stderr.write("teardown ran\\n"))
 mode, args = sys.argv[1], sys.argv[2:]
-if mode == "thread":
-    threading.Thread(target=threading.Event().wait, args=(0.3,)).start()
+if mode in ("thread", "daemon"):
+    threading.Thread(target=threading.Event().wait, args=(0.3,), daemon=mode == "daemon").start()
 sys.argv = ["haios", *args]
 from haios.cli.main import console
 console()
@@ -44,6 +44,14 @@ def test_prompt_exit_keeps_failure_codes(args: tuple[str, ...], code: int) -> No
     done = _console("alone", *args)
     assert done.returncode == code, done.stderr
     assert done.stderr.startswith(("Usage:", "haios: ")), done.stderr
+    assert "teardown ran" not in done.stderr
+
+
+def test_a_live_daemon_thread_does_not_hold_the_exit() -> None:
+    """The normal exit would not wait for it either (the watchdog's reaper is one)."""
+    done = _console("daemon", "--help")
+    assert done.returncode == 0, done.stderr
+    assert "Exit codes:" in done.stdout
     assert "teardown ran" not in done.stderr
 
 
