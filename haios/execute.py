@@ -43,6 +43,7 @@ from haios import events as ev
 from haios._util.durability import Barrier
 from haios._util.safedir import SafeDir
 from haios._util.strict_json import dump_json
+from haios._util.warm_import import warm
 from haios.cost import Reservation
 from haios.egress.forward import Forwarder
 from haios.egress.limits import ForwardLimits
@@ -73,7 +74,7 @@ from haios.sandbox.spec import (
     StepSpec,
 )
 from haios.sandbox.stepfs import StepMounts, open_capture, read_capture
-from haios.signing import EngineSigner
+from haios.signing import LINK_MODULES, EngineSigner
 
 STEP_PATH = "/usr/bin:/bin"
 #: how long a step may wait for a free uid when the host's pool is in use
@@ -357,6 +358,8 @@ class StepExecutor:
             # egress opened) is durable before the step can act on it.
             if ctx.barrier is not None:
                 ctx.barrier.flush()
+            # The first step's link needs in-toto: it imports while this step runs.
+            warm(LINK_MODULES)
             outcome = ctx.runner.run(spec, on_start=follow)
             outcome = _tree_violations(outcome, trees, bounds)
         finally:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
 
@@ -24,6 +24,9 @@ from haios.models.envelope import PAYLOAD_TYPE, PREDICATE_TYPE, STATEMENT_TYPE
 from haios.verify.embedded import signed_bytes
 
 _PROBE = b"haios engine key self-test"
+
+#: what `EngineSigner.link` imports (lazily: in-toto's cost is its imports)
+LINK_MODULES: Final = ("in_toto.models.link", "in_toto.models.metadata")
 
 
 class EngineSigner:
