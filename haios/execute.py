@@ -37,7 +37,7 @@ import hashlib
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from haios import events as ev
 from haios._util.durability import Barrier
@@ -45,8 +45,6 @@ from haios._util.safedir import SafeDir
 from haios._util.strict_json import dump_json
 from haios._util.warm_import import warm
 from haios.cost import Reservation
-from haios.egress.forward import Forwarder
-from haios.egress.limits import ForwardLimits
 from haios.errors import (
     CopyError,
     HaiosError,
@@ -75,6 +73,9 @@ from haios.sandbox.spec import (
 )
 from haios.sandbox.stepfs import StepMounts, open_capture, read_capture
 from haios.signing import LINK_MODULES, EngineSigner
+
+if TYPE_CHECKING:
+    from haios.egress.forward import Forwarder
 
 STEP_PATH = "/usr/bin:/bin"
 #: how long a step may wait for a free uid when the host's pool is in use
@@ -307,6 +308,10 @@ class StepExecutor:
         if not grant.egress:
             raise SandboxSetupError(f"step {step.id}: profile {profile.name} names egress "
                                     "endpoints that were not resolved for this run")
+        # Imported here: most steps have no egress (sockets, selectors, threads).
+        from haios.egress.forward import Forwarder
+        from haios.egress.limits import ForwardLimits
+
         limits = profile.egress_limits
         return Forwarder.open(step.id, grant.egress, ForwardLimits(
             connections_max=limits.connections_max,
