@@ -300,7 +300,7 @@ def console() -> NoReturn:
     needs it). So this flushes the standard streams and ends the process
     with os._exit. It falls back to the normal exit when a non-daemon
     thread besides this one is still alive (the normal exit waits for it;
-    it never waits for daemon threads, such as the watchdog's reaper), when
+    it never waits for daemon threads, such as an import warming up), when
     a flush fails (the normal exit reports it), or for a code that is not an
     int. Callers that need the normal exit (tests, in-process drivers) call
     `main`.

@@ -13,7 +13,6 @@ What it does not do: parse command-line options (there are none). I/O: all of
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from typing import NoReturn
@@ -35,19 +34,13 @@ def exit_process(status: int) -> NoReturn:
 
     `run` has closed and synced its journal; the protocol goes straight to
     the descriptors. Skipping the teardown (about 5 ms) shortens every
-    run's close, which waits for the end of this process's output.
-
-    That output is closed here, before the exit: an exiting process's files
-    are released after its inotify instance's teardown, which waits for an
-    RCU grace period (5 to 15 ms), and the engine need not wait for that.
+    run's close, which waits for this process to exit.
 
     Side Effects:
-        Flushes stdout and stderr, closes stdout, ends the process.
+        Flushes stdout and stderr, ends the process.
     """
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
-    with contextlib.suppress(OSError):
-        os.close(sys.stdout.fileno())
     os._exit(status)
 
 

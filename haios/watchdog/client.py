@@ -504,27 +504,18 @@ class Watchdog:
     # -- closing ---------------------------------------------------------------
 
     def close(self, *, timeout_seconds: float = DEFAULT_CLOSE_TIMEOUT_SECONDS) -> None:
-        """Shut the watchdog down, wait until it is done, remove the run cgroup.
+        """Shut the watchdog down, wait for it, remove the run cgroup.
 
         Anything still registered is killed (by the watchdog, and again here
-        if it could not). The watchdog is done when its output ends: it
-        closes it once `stopped` is durable in its journal, right before it
-        exits (or it died). Its exit is not waited for: the kernel finishes
-        it only after an RCU grace period for its inotify instance (5 to 15
-        ms here, longer than everything else the close does). It is reaped
-        by a daemon thread, or by init once a `haios` process has exited.
-        One that does not end its output in `timeout_seconds` is killed.
-        Idempotent; must not be called from a callback.
+        if it could not). Idempotent; must not be called from a callback.
 
         Raises:
             EnvironmentUnavailableError: the run cgroup could not be emptied
                 and removed (a process of the run may survive).
 
         Side Effects:
-            Writes to and closes the pipe, waits for the end of the
-            watchdog's output (killing it at the timeout), joins the reader
-            thread, starts a daemon thread that reaps the process, removes
-            cgroups.
+            Writes to and closes the pipe, waits for (or kills) the watchdog
+            process, joins the reader thread, removes cgroups.
         """
         with self._lock:
             if self._closed:
@@ -535,17 +526,12 @@ class Watchdog:
         with contextlib.suppress(WatchdogLostError):
             self._send(protocol.Shutdown())
         self._close_stdin()
-        if threading.current_thread() is self._reader:
-            if not wait_exited(self._process, timeout_seconds):
-                self._process.kill()
-                self._process.wait()
-        else:
-            self._reader.join(timeout_seconds)
-            if self._reader.is_alive():
-                self._process.kill()  # its output ends with it
-                self._reader.join()
+        if not wait_exited(self._process, timeout_seconds):
+            self._process.kill()
+            self._process.wait()
+        if threading.current_thread() is not self._reader:
+            self._reader.join()
             self._close_stdout()
-            _reap_in_background(self._process)
         cgroups.remove_cgroup(self._run_cgroup)
 
     def __enter__(self) -> Self:
@@ -690,12 +676,6 @@ class Watchdog:
         if isinstance(message, protocol.Refused):
             waiter.refusal = message.reason
         waiter.done.set()
-
-
-def _reap_in_background(process: subprocess.Popen[bytes]) -> None:
-    """Reap `process` now if it has exited, else on a daemon thread when it does."""
-    if process.poll() is None:
-        threading.Thread(target=process.wait, name="haios-watchdog-reaper", daemon=True).start()
 
 
 def _reap(process: subprocess.Popen[bytes]) -> None:

@@ -48,7 +48,7 @@ def test_prompt_exit_keeps_failure_codes(args: tuple[str, ...], code: int) -> No
 
 
 def test_a_live_daemon_thread_does_not_hold_the_exit() -> None:
-    """The normal exit would not wait for it either (the watchdog's reaper is one)."""
+    """The normal exit would not wait for it either (an import warming up is one)."""
     done = _console("daemon", "--help")
     assert done.returncode == 0, done.stderr
     assert "Exit codes:" in done.stdout

@@ -4,16 +4,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from haios.errors import EnvironmentUnavailableError, InputError, PolicyLoadError
 from haios.watchdog import cgroups
-from haios.watchdog.client import KillReport, PendingWatchdog, Watchdog
+from haios.watchdog.client import KillReport, Watchdog
 from tests.adversarial.test_kill_support import (
     Site,
     cleanup_run,
@@ -157,58 +154,3 @@ def test_a_failing_callback_counts_as_losing_the_watchdog(tmp_path: Path) -> Non
     finally:
         wd.close()
     assert not wd.run_cgroup.exists()
-
-
-# A stand-in watchdog speaking the protocol: ready on its config; on shutdown
-# either ends its output and lingers (as the real one does while the kernel
-# finishes its exit), or ignores it and keeps its output open (a hung one).
-FAKE_WATCHDOG = """\
-import os, sys, time
-sys.stdin.readline()
-os.write(1, b'{"type":"ready","pid":%d,"inotify":true}\\n' % os.getpid())
-sys.stdin.readline()
-if sys.argv[1] == "linger":
-    os.close(1)
-    time.sleep(30)
-else:
-    time.sleep(30)
-"""
-
-
-def _fake(site: Site, mode: str) -> tuple[Watchdog, subprocess.Popen[bytes]]:
-    process = subprocess.Popen([sys.executable, "-c", FAKE_WATCHDOG, mode], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, bufsize=0)
-    watchdog = Watchdog.start(
-        control_dir=site.control, extra_paths=(), journal_path=site.journal,
-        run_id=new_run_id(), on_kill=site.log.on_kill, on_lost=site.log.on_lost,
-        process=PendingWatchdog(process))
-    return watchdog, process
-
-
-def test_close_waits_for_the_end_of_the_output_not_for_the_exit(tmp_path: Path) -> None:
-    """The kernel's end of an exiting watchdog (an RCU grace period) is not waited for."""
-    site = Site(tmp_path)
-    wd, process = _fake(site, "linger")
-    try:
-        wd.close()
-        assert process.poll() is None  # done (output ended), still not exited
-        assert not wd.alive()
-        assert not wd.run_cgroup.exists()
-        assert not site.log.lost.is_set()  # a close is not a loss
-        reaper = [t for t in threading.enumerate() if t.name == "haios-watchdog-reaper"]
-        assert len(reaper) == 1 and reaper[0].daemon
-    finally:
-        process.kill()
-    assert wait_for(lambda: process.returncode is not None, timeout=10)  # the reaper reaped it
-
-
-def test_close_kills_a_watchdog_that_does_not_end_its_output(tmp_path: Path) -> None:
-    site = Site(tmp_path)
-    wd, process = _fake(site, "hang")
-    try:
-        wd.close(timeout_seconds=0.5)
-        assert wait_for(lambda: process.poll() is not None, timeout=10)
-        assert process.returncode == -9
-        assert not wd.run_cgroup.exists()
-    finally:
-        process.kill()
