@@ -296,7 +296,7 @@ def console() -> NoReturn:
 
     When `main` ends, the command's files are durable and its helper
     processes reaped; what is left is the interpreter's teardown (every
-    module and object finalised: about 15 ms after a run, and nothing
+    module and object finalised: about 20 ms after a run, and nothing
     needs it). So this flushes the standard streams and ends the process
     with os._exit. It falls back to the normal exit when a non-daemon
     thread besides this one is still alive (the normal exit waits for it;
@@ -313,8 +313,9 @@ def console() -> NoReturn:
         code = 0
     if isinstance(code, int) and not _waited_threads():
         try:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            for stream in (sys.stdout, sys.stderr):
+                if stream is not None:  # None: the descriptor was closed at start
+                    stream.flush()
         except (OSError, ValueError):
             sys.exit(code)
         os._exit(code)

@@ -8,6 +8,7 @@ runs; the normal exit runs it.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -60,3 +61,12 @@ def test_a_live_thread_gets_the_normal_exit() -> None:
     assert done.returncode == 0, done.stderr
     assert "Exit codes:" in done.stdout
     assert "teardown ran" in done.stderr
+
+
+def test_a_closed_stdout_still_exits_with_the_code() -> None:
+    """fd 1 closed at start (sys.stdout is None): the prompt exit skips it, the code stays."""
+    done = subprocess.run([sys.executable, "-c", DRIVER, "alone", "no-such-command"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                          timeout=60, check=False, preexec_fn=lambda: os.close(1))
+    assert done.returncode == 2, done.stderr
+    assert "teardown ran" not in done.stderr
