@@ -98,7 +98,7 @@ PHASES: tuple[tuple[str, str, str], ...] = (
 TIMELINE_DRIVER = """\
 import time
 T0 = time.perf_counter()
-import builtins, functools, importlib, json, os, sys
+import builtins, functools, importlib, json, sys
 PHASES = json.loads(sys.argv[1])
 out_path = sys.argv[2]
 spans = []
@@ -158,13 +158,7 @@ ended = time.perf_counter()
 spans.append(("main()", started, ended))
 with open(out_path, "w") as f:
     json.dump({"t0": T0, "end": ended, "code": code, "spans": spans}, f)
-# End as the console script does (haios.cli.main.console): a prompt exit
-# unless a non-daemon thread is alive.
-if isinstance(code, int) and not cli_main._waited_threads():
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-raise SystemExit(code)
+cli_main.exit_promptly(code)  # as the console script ends
 """
 
 
